@@ -1,0 +1,64 @@
+"""Per-request data that crosses process boundaries.
+
+`HandshakeParams` is what the kernel said in its ACCEPT reply; `HandshakeResult`
+is what goes back in DONE.  Both are plain, immutable and serialisable to a dict
+of JSON types so that the supervisor-worker channel never pickles anything.
+Results default to failure (EIO): a path that forgets to set a status fails
+closed, as upstream's tlshd_default_handshake_parms does.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tlshd.uapi import AuthMode, MsgType
+
+
+@dataclass(frozen=True)
+class HandshakeParams:
+    """The parsed ACCEPT reply.  `sockfd` is the fd number in the accepting process."""
+
+    sockfd: int
+    message_type: int = MsgType.UNSPEC
+    auth_mode: int = AuthMode.UNSPEC
+    timeout_ms: int | None = None
+    peername: str | None = None
+    keyring: int | None = None
+    peer_identities: tuple[int, ...] = ()
+    cert_serial: int = 0
+    privkey_serial: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["peer_identities"] = list(self.peer_identities)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> HandshakeParams:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known["peer_identities"] = tuple(int(x) for x in known.get("peer_identities", ()))
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """What the worker reports and the supervisor turns into DONE."""
+
+    status: int = errno.EIO
+    remote_auth: tuple[int, ...] = ()
+    cipher: str | None = None
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["remote_auth"] = list(self.remote_auth)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> HandshakeResult:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known["remote_auth"] = tuple(int(x) for x in known.get("remote_auth", ()))
+        return cls(**known)

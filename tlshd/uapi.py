@@ -1,0 +1,91 @@
+"""Kernel constants for the handshake netlink family and kTLS.
+
+Values come from the kernel's Documentation/netlink/specs/handshake.yaml,
+include/uapi/linux/handshake.h and include/uapi/linux/tls.h.  Nothing else
+belongs here.  Beware of the pre-merge draft header that had X509=2/PSK=3:
+the values below are the merged ones.
+"""
+
+from enum import IntEnum
+
+HANDSHAKE_FAMILY_NAME = "handshake"
+HANDSHAKE_FAMILY_VERSION = 1
+HANDSHAKE_MCGRP_TLSHD = "tlshd"
+
+NETLINK_GENERIC = 16
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_EXT_ACK = 11
+GENL_ID_CTRL = 0x10
+
+
+class HandshakeCmd(IntEnum):
+    READY = 1
+    ACCEPT = 2
+    DONE = 3
+
+
+class HandlerClass(IntEnum):
+    NONE = 0
+    TLSHD = 1
+
+
+class MsgType(IntEnum):
+    UNSPEC = 0
+    CLIENTHELLO = 1
+    SERVERHELLO = 2
+
+
+class AuthMode(IntEnum):
+    UNSPEC = 0
+    UNAUTH = 1
+    PSK = 2
+    X509 = 3
+
+
+class AcceptAttr(IntEnum):
+    SOCKFD = 1
+    HANDLER_CLASS = 2
+    MESSAGE_TYPE = 3
+    TIMEOUT = 4
+    AUTH_MODE = 5
+    PEER_IDENTITY = 6
+    CERTIFICATE = 7
+    PEERNAME = 8
+    KEYRING = 9
+
+
+class X509Attr(IntEnum):
+    CERT = 1
+    PRIVKEY = 2
+
+
+class DoneAttr(IntEnum):
+    STATUS = 1
+    SOCKFD = 2
+    REMOTE_AUTH = 3
+    TAG = 4
+
+
+# The kernel bounds DONE's STATUS with NLA_POLICY_MAX(NLA_U32, MAX_ERRNO).
+MAX_ERRNO = 4095
+TLS_NO_PEERID = 0
+
+# kTLS (include/uapi/linux/tls.h).  Python has no SOL_TLS constants.
+SOL_TCP = 6
+TCP_ULP = 31
+SOL_TLS = 282
+TLS_TX = 1
+TLS_RX = 2
+TLS_1_3_VERSION = 0x0304
+
+
+class TlsCipher(IntEnum):
+    AES_GCM_128 = 51
+    AES_GCM_256 = 52
+    AES_CCM_128 = 53
+    CHACHA20_POLY1305 = 54
+
+
+IPPROTO_TCP = 6
+IPPROTO_QUIC = 261
