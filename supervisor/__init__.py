@@ -1,0 +1,1 @@
+"""Supervisor: owns netlink, keyrings and key material; runs the worker pool."""

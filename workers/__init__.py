@@ -1,0 +1,1 @@
+"""Workers: unprivileged processes that run one TLS handshake at a time."""
