@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the daemon, its tests and the QEMU lab need on a fresh
+# Debian machine (run as root): Debian packages, then a virtualenv in .venv with
+# the project installed editable plus its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    # real TLS peers for the engine tests
+    openssl gnutls-bin
+    # kernel keyrings
+    keyutils libkeyutils1
+    # the real-kernel lab (tests/lab)
+    qemu-system-x86 debootstrap busybox-static cpio kmod zstd xz-utils
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup.sh: missing Debian packages (${missing[*]}); run as root" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "setup.sh: ready (.venv)"
