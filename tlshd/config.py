@@ -1,15 +1,44 @@
 """Configuration: upstream's tlshd.conf(5) keys plus our own sections.
 
-TO BE COMPLETED (helper "config"): parsing, validation, check_config.
-The dataclasses below are the contract other modules rely on.
+The file format is GLib's GKeyFile, which upstream parses with
+g_key_file_load_from_file(); we read it with our own small parser rather than
+configparser, because GKeyFile differs in ways that matter for an existing
+upstream file: keys are case-sensitive, only `#` starts a comment, `;` is the
+list separator (never a comment), values support `\\s \\n \\t \\r \\\\`
+escapes, a repeated group is merged and a repeated key keeps its last value.
+
+`load_config` is pure: it returns a new immutable `Config` or raises
+`ConfigError`, so a reload can build the next generation and swap it in only
+when it loaded.  Nothing in this module imports OpenSSL or cryptography, so the
+CLI can import it before `tlshd.openssl_conf` has set OPENSSL_CONF;
+`check_config` imports `tlshd.credentials` lazily for the PKI checks.
+
+Deliberate differences from upstream (see docs/configuration.md):
+  * an integer key with a bad value is an error (upstream silently uses 0);
+  * unknown sections and keys are reported as warnings (upstream ignores them);
+  * list entries are stripped of surrounding whitespace (`a; b` is "a", "b").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 LEGACY_CONFIG_PATH = "/etc/tlshd.conf"
 CONFIG_PATH = "/etc/tlshd/config"
+DEFAULT_STATUS_SOCKET = "/run/tlshd/status.sock"
+
+# Longest sun_path a Unix socket address may carry (108 bytes with the NUL).
+_SUN_PATH_MAX = 107
+# Kernel key serials are positive int32 values (key_serial_t).
+_KEY_SERIAL_MAX = 2**31 - 1
+# KEY_MAX_DESC_SIZE in include/linux/key.h.
+_KEY_DESC_MAX = 4095
+
+log = logging.getLogger("tlshd")
 
 
 class ConfigError(Exception):
@@ -61,5 +90,485 @@ class Config:
     server: RoleConfig = field(default_factory=RoleConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
-    status_socket: str = "/run/tlshd/status.sock"
+    status_socket: str = DEFAULT_STATUS_SOCKET
     warnings: tuple[str, ...] = ()
+
+    def role(self, name: str) -> RoleConfig:
+        """The RoleConfig for "client" or "server"."""
+        if name == "client":
+            return self.client
+        if name == "server":
+            return self.server
+        raise ValueError(f"unknown role {name!r}")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of `check_config`: `file` is the file at fault (a PEM file or
+    the config file), `key` the config key that names it, as "[section] key"."""
+
+    severity: str  # "error" or "warning"
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else self.file
+        return f"{self.severity}: {where}: {self.message}"
+
+
+# --- GKeyFile reader -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawValue:
+    """A key's value as written (escapes not yet resolved) and where."""
+
+    text: str
+    lineno: int
+
+
+_GROUP_RE = re.compile(r"^\[([^\[\]\x00-\x1f]+)\]\s*$")
+_ESCAPES = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def parse_keyfile(text: str, path: str) -> tuple[dict[str, dict[str, RawValue]], list[str]]:
+    """Parse GKeyFile text into {group: {key: RawValue}} plus duplicate-key warnings.
+
+    Raises ConfigError (naming `path` and the line) on a syntax error.
+    """
+    groups: dict[str, dict[str, RawValue]] = {}
+    warnings: list[str] = []
+    current: dict[str, RawValue] | None = None
+    current_name = ""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        group = _GROUP_RE.match(stripped)
+        if group:
+            current_name = group.group(1)
+            # GKeyFile merges a repeated group into the first one.
+            current = groups.setdefault(current_name, {})
+            continue
+        key, sep, value = stripped.partition("=")
+        key = key.rstrip()
+        if not sep or not key:
+            raise ConfigError(
+                f"{path}:{lineno}: {stripped!r} is not a key=value pair, [group] or # comment"
+            )
+        if current is None:
+            raise ConfigError(f"{path}:{lineno}: key {key!r} appears before any [section]")
+        if key in current:
+            warnings.append(
+                f"{path}:{lineno}: [{current_name}] {key}: set again; "
+                f"line {current[key].lineno} is overridden"
+            )
+        current[key] = RawValue(value.lstrip(), lineno)
+    return groups, warnings
+
+
+def _unescape(raw: str, where: str) -> str:
+    out: list[str] = []
+    chars = iter(raw)
+    for ch in chars:
+        if ch != "\\":
+            out.append(ch)
+            continue
+        nxt = next(chars, None)
+        if nxt is None:
+            raise ConfigError(f"{where}: value ends with a lone backslash")
+        if nxt not in _ESCAPES:
+            raise ConfigError(f"{where}: invalid escape sequence \\{nxt}")
+        out.append(_ESCAPES[nxt])
+    return "".join(out)
+
+
+def _split_list(raw: str) -> Iterator[str]:
+    """Split on `;` not preceded by a backslash; `\\;` yields a literal `;`."""
+    item: list[str] = []
+    chars = iter(raw)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            item.append(";" if nxt == ";" else ch + nxt)
+        elif ch == ";":
+            yield "".join(item)
+            item = []
+        else:
+            item.append(ch)
+    if item:
+        yield "".join(item)
+
+
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_TRUE = {"true", "1"}
+_FALSE = {"false", "0"}
+
+
+class _Reader:
+    """Typed access to a parsed key file; remembers which keys were consumed."""
+
+    def __init__(self, path: str, groups: dict[str, dict[str, RawValue]]) -> None:
+        self.path = path
+        self.groups = groups
+        self.used: set[tuple[str, str]] = set()
+
+    def where(self, section: str, key: str) -> str:
+        raw = self.groups.get(section, {}).get(key)
+        line = f":{raw.lineno}" if raw else ""
+        return f"{self.path}{line}: [{section}] {key}"
+
+    def raw(self, section: str, key: str) -> RawValue | None:
+        value = self.groups.get(section, {}).get(key)
+        if value is not None:
+            self.used.add((section, key))
+        return value
+
+    def has(self, section: str, key: str) -> bool:
+        return key in self.groups.get(section, {})
+
+    def string(self, section: str, key: str) -> str | None:
+        raw = self.raw(section, key)
+        if raw is None:
+            return None
+        return _unescape(raw.text, self.where(section, key))
+
+    def path_value(self, section: str, key: str) -> str | None:
+        """A file name; an empty value means "not set", as upstream treats it."""
+        value = self.string(section, key)
+        return value or None
+
+    def integer(self, section: str, key: str, default: int, lo: int, hi: int) -> int:
+        text = self.string(section, key)
+        if text is None:
+            return default
+        text = text.strip()
+        if not _INT_RE.match(text):
+            raise ConfigError(f"{self.where(section, key)}: {text!r} is not an integer")
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.where(section, key)}: {value} is out of range ({lo}..{hi})")
+        return value
+
+    def boolean(self, section: str, key: str, default: bool) -> bool:
+        text = self.string(section, key)
+        if text is None:
+            return default
+        word = text.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ConfigError(f"{self.where(section, key)}: {text!r} is not true or false")
+
+    def string_list(self, section: str, key: str) -> tuple[str, ...] | None:
+        raw = self.raw(section, key)
+        if raw is None:
+            return None
+        where = self.where(section, key)
+        items = (_unescape(item, where).strip() for item in _split_list(raw.text))
+        return tuple(item for item in items if item)
+
+
+# --- schema ---------------------------------------------------------------------
+
+_ROLE_KEYS = {
+    "x509.truststore": "truststore",
+    "x509.crl": "crl",
+    "x509.certificate": "certificate",
+    "x509.private_key": "private_key",
+    "x509.pq.certificate": "pq_certificate",
+    "x509.pq.private_key": "pq_private_key",
+}
+
+KNOWN_KEYS: dict[str, frozenset[str]] = {
+    "debug": frozenset({"loglevel", "tls", "nl", "delay_done"}),
+    "authenticate": frozenset({"keyrings"}),
+    "authenticate.client": frozenset(_ROLE_KEYS),
+    "authenticate.server": frozenset(_ROLE_KEYS),
+    "pool": frozenset({"min_workers", "max_workers", "max_handshakes", "max_rss_mib"}),
+    "worker": frozenset({"user", "drop_privileges", "handshake_timeout_ms"}),
+    "status": frozenset({"socket"}),
+    # Historical upstream spellings, mapped with a warning.
+    "main": frozenset({"debug", "tlsdebug", "nl_debug", "keyrings"}),
+    "authentication": frozenset({"keyrings"}),
+}
+
+# ktls-utils 0.7-0.9 `[main]` key -> today's (section, key).
+_LEGACY_MAIN = {
+    "debug": ("debug", "loglevel"),
+    "tlsdebug": ("debug", "tls"),
+    "nl_debug": ("debug", "nl"),
+    "keyrings": ("authenticate", "keyrings"),
+}
+
+_INT_ANY = (-(2**31), 2**31 - 1)  # a C int, like g_key_file_get_integer
+_USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?$")
+
+
+def _legacy_source(reader: _Reader, section: str, key: str) -> tuple[str, str]:
+    """Where to read `[section] key` from: today's spelling, or a historical one."""
+    if reader.has(section, key):
+        return section, key
+    for old_key, (new_section, new_key) in _LEGACY_MAIN.items():
+        if (new_section, new_key) == (section, key) and reader.has("main", old_key):
+            return "main", old_key
+    if (section, key) == ("authenticate", "keyrings") and reader.has("authentication", key):
+        return "authentication", key
+    return section, key
+
+
+def _legacy_warnings(reader: _Reader) -> list[str]:
+    warnings = []
+    for old_key, (new_section, new_key) in _LEGACY_MAIN.items():
+        if reader.has("main", old_key):
+            shadowed = (
+                " (ignored: the new key is also set)" if reader.has(new_section, new_key) else ""
+            )
+            warnings.append(
+                f"{reader.where('main', old_key)}: historical key; "
+                f"use [{new_section}] {new_key}{shadowed}"
+            )
+    if reader.has("authentication", "keyrings"):
+        shadowed = (
+            " (ignored: the new key is also set)" if reader.has("authenticate", "keyrings") else ""
+        )
+        warnings.append(
+            f"{reader.where('authentication', 'keyrings')}: misspelt section "
+            f"(ktls-utils 0.10); use [authenticate] keyrings{shadowed}"
+        )
+    return warnings
+
+
+def _debug_int(reader: _Reader, key: str, lo: int = _INT_ANY[0]) -> int:
+    section, name = _legacy_source(reader, "debug", key)
+    return reader.integer(section, name, 0, lo, _INT_ANY[1])
+
+
+def _read_role(reader: _Reader, section: str) -> RoleConfig:
+    values = {attr: reader.path_value(section, key) for key, attr in _ROLE_KEYS.items()}
+    return RoleConfig(**values)
+
+
+def _read_pool(reader: _Reader) -> PoolConfig:
+    d = PoolConfig()
+    pool = PoolConfig(
+        min_workers=reader.integer("pool", "min_workers", d.min_workers, 1, 1024),
+        max_workers=reader.integer("pool", "max_workers", d.max_workers, 1, 1024),
+        max_handshakes=reader.integer("pool", "max_handshakes", d.max_handshakes, 1, 10**9),
+        max_rss_mib=reader.integer("pool", "max_rss_mib", d.max_rss_mib, 32, 1024 * 1024),
+    )
+    if pool.min_workers > pool.max_workers:
+        raise ConfigError(
+            f"{reader.path}: [pool] min_workers ({pool.min_workers}) is greater than "
+            f"max_workers ({pool.max_workers})"
+        )
+    return pool
+
+
+def _read_worker(reader: _Reader) -> WorkerConfig:
+    d = WorkerConfig()
+    user = reader.string("worker", "user")
+    if user is not None:
+        user = user.strip()
+        if not _USER_RE.match(user):
+            raise ConfigError(f"{reader.where('worker', 'user')}: {user!r} is not a user name")
+    return WorkerConfig(
+        user=user or d.user,
+        drop_privileges=reader.boolean("worker", "drop_privileges", d.drop_privileges),
+        handshake_timeout_ms=reader.integer(
+            "worker", "handshake_timeout_ms", d.handshake_timeout_ms, 100, 60000
+        ),
+    )
+
+
+def _read_status_socket(reader: _Reader) -> str:
+    value = reader.string("status", "socket")
+    if value is None:
+        return DEFAULT_STATUS_SOCKET
+    value = value.strip()
+    where = reader.where("status", "socket")
+    if not value.startswith("/"):
+        raise ConfigError(f"{where}: {value!r} must be an absolute path")
+    if len(os.fsencode(value)) > _SUN_PATH_MAX:
+        raise ConfigError(f"{where}: path is longer than {_SUN_PATH_MAX} bytes")
+    return value
+
+
+def _unknown_warnings(reader: _Reader) -> list[str]:
+    warnings = []
+    for section, keys in reader.groups.items():
+        known = KNOWN_KEYS.get(section)
+        if known is None:
+            warnings.append(f"{reader.path}: unknown section [{section}], ignored")
+            continue
+        warnings.extend(
+            f"{reader.where(section, key)}: unknown key, ignored"
+            for key in keys
+            if key not in known
+        )
+    return warnings
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read configuration file: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {err.start})") from None
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the configuration file at `path`.
+
+    Returns a new Config; raises ConfigError (naming the file, section and key)
+    if the file is missing, unreadable, malformed or has an invalid value.
+    Unknown sections/keys and historical spellings become `Config.warnings`.
+    """
+    groups, warnings = parse_keyfile(_read_file(path), path)
+    reader = _Reader(path, groups)
+    keyrings_section, keyrings_key = _legacy_source(reader, "authenticate", "keyrings")
+    config = Config(
+        path=path,
+        loglevel=_debug_int(reader, "loglevel"),
+        tls_debug=_debug_int(reader, "tls"),
+        nl_debug=_debug_int(reader, "nl"),
+        delay_done=_debug_int(reader, "delay_done", lo=0),
+        keyrings=reader.string_list(keyrings_section, keyrings_key) or (),
+        client=_read_role(reader, "authenticate.client"),
+        server=_read_role(reader, "authenticate.server"),
+        pool=_read_pool(reader),
+        worker=_read_worker(reader),
+        status_socket=_read_status_socket(reader),
+        warnings=(),
+    )
+    warnings += _legacy_warnings(reader) + _unknown_warnings(reader)
+    return replace(config, warnings=tuple(warnings))
+
+
+# --- search order -----------------------------------------------------------------
+
+
+def find_config_path(
+    explicit: str | None,
+    legacy_path: str = LEGACY_CONFIG_PATH,
+    primary_path: str = CONFIG_PATH,
+) -> str:
+    """The configuration file to load, in upstream's search order.
+
+    `-c FILE` wins (and must then load).  Otherwise the legacy /etc/tlshd.conf
+    is used if it exists, with a nudge to move it; else /etc/tlshd/config.
+    Unlike upstream, an existing but broken legacy file is not skipped in
+    favour of the new path: it fails to load, loudly.
+    """
+    if explicit is not None:
+        return explicit
+    if os.path.lexists(legacy_path):
+        log.warning("Please relocate %s to %s", legacy_path, primary_path)
+        return legacy_path
+    return primary_path
+
+
+# --- keyrings ---------------------------------------------------------------------
+
+
+def keyring_serial(entry: str) -> int | None:
+    """The serial number an `[authenticate] keyrings` entry names, or None for a name.
+
+    Decimal or 0x-hex; the caller should first check `keyring_entry_problem`.
+    """
+    text = entry.strip()
+    try:
+        if re.fullmatch(r"[0-9]+", text):
+            return int(text, 10)
+        if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
+            return int(text, 16)
+    except ValueError:
+        return None
+    return None
+
+
+def keyring_entry_problem(entry: str) -> str | None:
+    """Why `entry` is neither a keyring name nor a key serial; None if it is one."""
+    serial = keyring_serial(entry)
+    if serial is not None:
+        if not 1 <= serial <= _KEY_SERIAL_MAX:
+            return f"serial {entry!r} is out of range (1..{_KEY_SERIAL_MAX})"
+        return None
+    if re.fullmatch(r"[+-]?[0-9]+|0[xX].*", entry):
+        return f"{entry!r} looks like a number but is not a valid key serial"
+    if len(entry.encode()) > _KEY_DESC_MAX:
+        return f"name is longer than {_KEY_DESC_MAX} bytes"
+    if any(ch.isspace() or not ch.isprintable() for ch in entry):
+        return f"{entry!r} contains whitespace or control characters"
+    return None
+
+
+# --- check-config -------------------------------------------------------------------
+
+
+def check_config(config: Config) -> list[Finding]:
+    """Cross-check the whole configuration: keys, keyrings, users and every
+    certificate, key, trust store and CRL.  Never raises; returns findings."""
+    from tlshd.credentials import check_credentials
+
+    path = config.path or "<config>"
+    findings = [_warning_finding(path, text) for text in config.warnings]
+    findings += _check_keyrings(config, path)
+    findings += _check_worker(config, path)
+    findings += check_credentials(config)
+    return findings
+
+
+_WARNING_RE = re.compile(r"^(?::(?P<line>[0-9]+))?: (?:(?P<key>\[[^\]]*\] [^:]+): )?(?P<msg>.*)$")
+
+
+def _warning_finding(path: str, text: str) -> Finding:
+    """Turn a `Config.warnings` line ("file[:line]: [section] key: message") into a Finding."""
+    match = _WARNING_RE.match(text[len(path) :]) if text.startswith(path) else None
+    if match is None:
+        return Finding("warning", path, "", text)
+    where = f"{path}:{match['line']}" if match["line"] else path
+    return Finding("warning", where, match["key"] or "", match["msg"])
+
+
+def _check_keyrings(config: Config, path: str) -> list[Finding]:
+    findings = []
+    for entry in config.keyrings:
+        problem = keyring_entry_problem(entry)
+        if problem:
+            findings.append(
+                Finding(
+                    "error", path, "[authenticate] keyrings", f"{problem}: not a name or serial"
+                )
+            )
+    return findings
+
+
+def _check_worker(config: Config, path: str) -> list[Finding]:
+    import pwd
+
+    worker = config.worker
+    if not worker.drop_privileges:
+        return [
+            Finding(
+                "warning",
+                path,
+                "[worker] drop_privileges",
+                "false: workers keep root privileges while parsing peer data",
+            )
+        ]
+    try:
+        pwd.getpwnam(worker.user)
+    except KeyError:
+        return [Finding("error", path, "[worker] user", f"no such user {worker.user!r}")]
+    return []
