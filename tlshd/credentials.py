@@ -4,12 +4,62 @@ Private keys are root-only files (mode 0600), and workers run unprivileged,
 so every file named in the config is read here, once per config generation,
 and reaches the workers through fork's copy-on-write memory.
 
-TO BE COMPLETED (helper "config"): load_credentials().
+Two loaders, for the supervisor's two situations:
+  * `load_credentials` is strict: any configured file that is missing,
+    unreadable or unparseable raises `CredentialsError`.  Use it on reload,
+    where the old generation keeps serving if the new one does not load.
+  * `load_credentials_partial` never raises: a role whose files fail to load
+    keeps the error text in `RoleCredentials.errors`.  Use it at start-up, so
+    that a broken server certificate does not stop PSK or anonymous client
+    handshakes.  A role with errors must fail its x509 handshakes (EIO).
+
+Upstream silently falls back to the system trust store when `x509.truststore`
+is inaccessible.  We never do: a broken trust store is an error, because a
+fallback would widen trust from one private CA to every public one.
+
+`check_credentials` adds advisory cross-checks (expiry, key/cert match, chain,
+CRL issuer, file modes, EKU) for `tlshd --check-config`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
+import os
+import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tlshd.config import Config, Finding, RoleConfig
+
+ROLES = ("client", "server")
+ROLE_SECTIONS = {"client": "authenticate.client", "server": "authenticate.server"}
+# A scheme prefix per RFC 3986 (upstream hands such strings to gnutls_privkey_import_url).
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+# Key types a TLS 1.3 signature algorithm exists for.
+_TLS13_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
+               ed448.Ed448PrivateKey)  # fmt: skip
+_EXPIRY_WARNING = datetime.timedelta(days=30)
+
+
+class CredentialsError(Exception):
+    """A configured credential file cannot be used."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file = file
+        self.key = key
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -20,9 +70,389 @@ class RoleCredentials:
     private_key_pem: bytes | None = None
     truststore_pem: bytes | None = None  # None: use the system trust store
     crl_pem: bytes | None = None  # None: no CRL check
+    # Non-empty only from load_credentials_partial: the role is unusable for
+    # x509 and its handshakes must fail (EIO) rather than fall back.
+    errors: tuple[str, ...] = ()
+
+    @property
+    def usable(self) -> bool:
+        return not self.errors
 
 
 @dataclass(frozen=True)
 class Credentials:
     client: RoleCredentials = field(default_factory=RoleCredentials)
     server: RoleCredentials = field(default_factory=RoleCredentials)
+
+    def role(self, name: str) -> RoleCredentials:
+        return self.client if name == "client" else self.server
+
+
+# --- reading and parsing -----------------------------------------------------------
+
+
+def key_label(role: str, key: str) -> str:
+    """ "[authenticate.server] x509.certificate" for ("server", "x509.certificate")."""
+    return f"[{ROLE_SECTIONS[role]}] {key}"
+
+
+def read_file(path: str, label: str) -> bytes:
+    """The contents of a configured file; CredentialsError if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CredentialsError(path, label, "file not found") from None
+    except IsADirectoryError:
+        raise CredentialsError(path, label, "is a directory") from None
+    except OSError as err:
+        raise CredentialsError(path, label, f"cannot read: {err.strerror}") from None
+
+
+def pem_blocks(data: bytes, kind: bytes) -> list[bytes]:
+    """DER bodies of the PEM blocks labelled `kind` (e.g. b"CERTIFICATE")."""
+    blocks = []
+    for label, body in _PEM_RE.findall(data):
+        if label == kind:
+            blocks.append(base64.b64decode(b"".join(body.split()), validate=True))
+    return blocks
+
+
+def parse_certificates(data: bytes, path: str, label: str) -> list[x509.Certificate]:
+    """Every CERTIFICATE block of a PEM file, in file order."""
+    try:
+        ders = pem_blocks(data, b"CERTIFICATE")
+        certs = [x509.load_der_x509_certificate(der) for der in ders]
+    except (ValueError, binascii.Error) as err:
+        raise CredentialsError(path, label, f"bad PEM certificate: {err}") from None
+    if not certs:
+        raise CredentialsError(path, label, "no PEM CERTIFICATE block found")
+    return certs
+
+
+def parse_private_key(data: bytes, path: str, label: str) -> PrivateKeyTypes:
+    """The PEM private key in `data`; CredentialsError if it is unusable for TLS 1.3."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise CredentialsError(path, label, "encrypted private keys are not supported") from None
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise CredentialsError(path, label, f"not a PEM private key: {err}") from None
+    if not isinstance(key, _TLS13_KEYS):
+        raise CredentialsError(path, label, f"{type(key).__name__} keys cannot sign in TLS 1.3")
+    return key
+
+
+def parse_crls(data: bytes, path: str, label: str) -> list[x509.CertificateRevocationList]:
+    try:
+        crls = [x509.load_der_x509_crl(der) for der in pem_blocks(data, b"X509 CRL")]
+    except (ValueError, binascii.Error) as err:
+        raise CredentialsError(path, label, f"bad PEM CRL: {err}") from None
+    if not crls:
+        raise CredentialsError(path, label, "no PEM X509 CRL block found")
+    return crls
+
+
+def _spki(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def key_matches_certificate(key: object, cert: x509.Certificate) -> bool:
+    return _spki(key.public_key()) == _spki(cert.public_key())  # type: ignore[attr-defined]
+
+
+def _reject_url(value: str, label: str) -> None:
+    if _URL_RE.match(value):
+        raise CredentialsError(
+            value,
+            label,
+            "private key URLs (pkcs11:, tpmkey:, ...) are not supported; "
+            "for a relative file name starting with a scheme-like prefix, write ./name",
+        )
+
+
+def _pem(certs: list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
+    """Strict load of one role's files; raises CredentialsError."""
+    chain_pem = key_pem = trust_pem = crl_pem = None
+    chain: list[x509.Certificate] = []
+    if rc.certificate:
+        label = key_label(role, "x509.certificate")
+        chain = parse_certificates(read_file(rc.certificate, label), rc.certificate, label)
+        chain_pem = _pem(chain)
+    if rc.private_key:
+        label = key_label(role, "x509.private_key")
+        _reject_url(rc.private_key, label)
+        key = parse_private_key(read_file(rc.private_key, label), rc.private_key, label)
+        if chain and not key_matches_certificate(key, chain[0]):
+            raise CredentialsError(
+                rc.private_key, label, f"does not match the certificate in {rc.certificate}"
+            )
+        key_pem = key.private_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    if rc.truststore:
+        label = key_label(role, "x509.truststore")
+        trust = parse_certificates(read_file(rc.truststore, label), rc.truststore, label)
+        trust_pem = _pem(trust)
+    if rc.crl:
+        label = key_label(role, "x509.crl")
+        crls = parse_crls(read_file(rc.crl, label), rc.crl, label)
+        crl_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls)
+    return RoleCredentials(chain_pem, key_pem, trust_pem, crl_pem)
+
+
+def load_credentials(config: Config) -> Credentials:
+    """Read every configured PEM file of both roles; raises CredentialsError
+    (naming the file and the key) on the first one that cannot be used."""
+    return Credentials(
+        client=_load_role("client", config.client), server=_load_role("server", config.server)
+    )
+
+
+def load_credentials_partial(config: Config) -> Credentials:
+    """Like load_credentials, but a role that fails to load is returned empty
+    with its error in `errors` instead of raising."""
+    roles = {}
+    for role in ROLES:
+        try:
+            roles[role] = _load_role(role, config.role(role))
+        except CredentialsError as err:
+            roles[role] = RoleCredentials(errors=(str(err),))
+    return Credentials(**roles)
+
+
+# --- check-config ---------------------------------------------------------------------
+
+
+class _Findings(list[Finding]):
+    def error(self, file: str, key: str, message: str) -> None:
+        self.append(Finding("error", file, key, message))
+
+    def warning(self, file: str, key: str, message: str) -> None:
+        self.append(Finding("warning", file, key, message))
+
+    def add(self, err: CredentialsError) -> None:
+        self.error(err.file, err.key, err.reason)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def check_credentials(config: Config) -> list[Finding]:
+    """Every problem with the certificates, keys, trust stores and CRLs of both roles."""
+    findings = _Findings()
+    for role in ROLES:
+        _check_role(findings, config, role)
+    return list(findings)
+
+
+def _check_role(out: _Findings, config: Config, role: str) -> None:
+    rc = config.role(role)
+    cfg = config.path or "<config>"
+    for key in ("x509.pq.certificate", "x509.pq.private_key"):
+        if getattr(rc, key.replace("x509.", "").replace(".", "_")):
+            out.warning(
+                cfg,
+                key_label(role, key),
+                "not supported by this implementation (OpenSSL from the cryptography "
+                "wheel); the classic x509.certificate is used",
+            )
+    if bool(rc.certificate) != bool(rc.private_key):
+        have, missing = (
+            ("x509.certificate", "x509.private_key")
+            if rc.certificate
+            else ("x509.private_key", "x509.certificate")
+        )
+        out.error(cfg, key_label(role, missing), f"missing: {have} is set but {missing} is not")
+    chain = _check_file(out, role, "x509.certificate", rc.certificate, parse_certificates)
+    trust = _check_file(out, role, "x509.truststore", rc.truststore, parse_certificates)
+    key = _check_private_key(out, role, rc)
+    crls = _check_file(out, role, "x509.crl", rc.crl, parse_crls)
+    if chain:
+        _check_leaf(out, role, rc.certificate or "", chain[0])
+        if key is not None and not key_matches_certificate(key, chain[0]):
+            out.error(
+                rc.private_key or "",
+                key_label(role, "x509.private_key"),
+                f"does not match the public key of the certificate in {rc.certificate}",
+            )
+        if trust:
+            _check_chain(out, role, rc.certificate or "", chain, trust)
+    if crls:
+        _check_crls(out, role, rc.crl or "", crls, trust)
+
+
+def _check_file(
+    out: _Findings,
+    role: str,
+    key: str,
+    path: str | None,
+    parse: Callable[[bytes, str, str], list],
+) -> list:
+    if not path:
+        return []
+    label = key_label(role, key)
+    _check_path(out, path, label, secret=False)
+    try:
+        return parse(read_file(path, label), path, label)
+    except CredentialsError as err:
+        out.add(err)
+        return []
+
+
+def _check_private_key(out: _Findings, role: str, rc: RoleConfig) -> object | None:
+    if not rc.private_key:
+        return None
+    label = key_label(role, "x509.private_key")
+    try:
+        _reject_url(rc.private_key, label)
+        _check_path(out, rc.private_key, label, secret=True)
+        return parse_private_key(read_file(rc.private_key, label), rc.private_key, label)
+    except CredentialsError as err:
+        out.add(err)
+        return None
+
+
+def _check_path(out: _Findings, path: str, label: str, secret: bool) -> None:
+    """Upstream's expectations: owned by root, certificates 0644, keys 0600."""
+    if not os.path.isabs(path):
+        out.warning(path, label, "relative path: resolved against the daemon's working directory")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # reading it reports the error
+    if not stat.S_ISREG(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != 0:
+        out.warning(path, label, f"owned by uid {st.st_uid}, expected root")
+    if secret and mode & 0o077:
+        out.warning(path, label, f"mode {mode:04o} lets group/other read the key; expected 0600")
+    elif not secret and mode & 0o022:
+        out.warning(path, label, f"mode {mode:04o} is group/other-writable; expected 0644")
+
+
+def _check_leaf(out: _Findings, role: str, path: str, leaf: x509.Certificate) -> None:
+    label = key_label(role, "x509.certificate")
+    now = _now()
+    if leaf.not_valid_after_utc < now:
+        out.error(path, label, f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
+    elif leaf.not_valid_before_utc > now:
+        out.error(
+            path, label, f"certificate not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
+        )
+    elif leaf.not_valid_after_utc - now < _EXPIRY_WARNING:
+        out.warning(
+            path, label, f"certificate expires soon ({leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z)"
+        )
+    _check_eku(out, role, path, label, leaf)
+    _check_key_usage(out, path, label, leaf)
+    if role == "server":
+        try:
+            leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            out.warning(path, label, "no subjectAltName: clients checking the host name will fail")
+
+
+def _check_eku(out: _Findings, role: str, path: str, label: str, leaf: x509.Certificate) -> None:
+    wanted = (
+        ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+    )
+    name = "clientAuth" if role == "client" else "serverAuth"
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        out.warning(path, label, f"no extendedKeyUsage {name}: peers that require it will reject")
+        return
+    if wanted not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+        out.warning(path, label, f"extendedKeyUsage lacks {name}: peers will reject it")
+
+
+def _check_key_usage(out: _Findings, path: str, label: str, leaf: x509.Certificate) -> None:
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.digital_signature:
+        out.warning(path, label, "keyUsage lacks digitalSignature, which TLS 1.3 needs")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _check_chain(
+    out: _Findings,
+    role: str,
+    path: str,
+    chain: list[x509.Certificate],
+    trust: list[x509.Certificate],
+) -> None:
+    """Walk from the leaf through the configured intermediates to a trust anchor."""
+    label = key_label(role, "x509.certificate")
+    store_key = key_label(role, "x509.truststore")
+    current, pool = chain[0], chain[1:]
+    for _ in range(len(chain) + 1):
+        if current in trust or any(_issued_by(current, anchor) for anchor in trust):
+            return
+        parent = next((c for c in pool if _issued_by(current, c)), None)
+        if parent is None:
+            break
+        pool.remove(parent)
+        current = parent
+    out.warning(
+        path,
+        label,
+        f"does not chain to {store_key}: no issuer found for "
+        f"{current.subject.rfc4514_string() or '<empty subject>'}",
+    )
+
+
+def _check_crls(
+    out: _Findings,
+    role: str,
+    path: str,
+    crls: list[x509.CertificateRevocationList],
+    trust: list[x509.Certificate],
+) -> None:
+    label = key_label(role, "x509.crl")
+    now = _now()
+    for crl in crls:
+        issuer = crl.issuer.rfc4514_string()
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            out.warning(
+                path,
+                label,
+                f"CRL from {issuer} is stale (next update was "
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M}Z); peer verification may fail",
+            )
+        if not trust:
+            out.warning(
+                path, label, f"CRL issuer {issuer} cannot be checked: no x509.truststore is set"
+            )
+        elif not any(_crl_signed_by(crl, ca) for ca in trust):
+            out.warning(path, label, f"CRL issuer {issuer} is not in the trust store")
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    if ca.subject != crl.issuer:
+        return False
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False

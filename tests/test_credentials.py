@@ -1,0 +1,371 @@
+"""Credentials loading and the PKI cross-checks of check-config.
+
+Each test builds a throw-away PKI with cryptography, writes a config naming
+it, and looks at what load_credentials / check_config make of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tlshd.config import Finding, check_config, load_config
+from tlshd.credentials import (
+    CredentialsError,
+    load_credentials,
+    load_credentials_partial,
+)
+
+NOW = datetime.datetime.now(datetime.UTC)
+DAY = datetime.timedelta(days=1)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None = None,
+    *,
+    ca: bool = False,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+    eku: list[x509.ObjectIdentifier] | None = None,
+    san: str | None = None,
+) -> x509.Certificate:
+    issuer_name, issuer_key = issuer or (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - DAY)
+        .not_valid_after(not_after or NOW + 365 * DAY)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if eku:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if san:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def write(path: Path, data: bytes, mode: int = 0o644) -> str:
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    return str(path)
+
+
+@dataclass
+class Pki:
+    """A CA, an intermediate and a server leaf, written to `root`."""
+
+    root: Path
+    ca_key: ec.EllipticCurvePrivateKey = field(default_factory=make_key)
+    int_key: ec.EllipticCurvePrivateKey = field(default_factory=make_key)
+    leaf_key: ec.EllipticCurvePrivateKey = field(default_factory=make_key)
+
+    def __post_init__(self) -> None:
+        self.ca = make_cert("Test CA", self.ca_key, ca=True)
+        self.intermediate = make_cert(
+            "Test Intermediate", self.int_key, ("Test CA", self.ca_key), ca=True
+        )
+        self.leaf = make_cert(
+            "server.example",
+            self.leaf_key,
+            ("Test Intermediate", self.int_key),
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+            san="server.example",
+        )
+        self.truststore = write(self.root / "ca.pem", pem(self.ca))
+        self.certificate = write(self.root / "server.pem", pem(self.leaf, self.intermediate))
+        self.private_key = write(self.root / "server.key", key_pem(self.leaf_key), 0o600)
+
+    def crl(self, issuer_name: str, issuer_key: ec.EllipticCurvePrivateKey) -> str:
+        crl = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(_name(issuer_name))
+            .last_update(NOW - DAY)
+            .next_update(NOW + 7 * DAY)
+            .sign(issuer_key, hashes.SHA256())
+        )
+        return write(self.root / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+
+    def config(self, extra: str = "", **overrides: str) -> str:
+        keys = {
+            "x509.truststore": self.truststore,
+            "x509.certificate": self.certificate,
+            "x509.private_key": self.private_key,
+        }
+        keys.update(
+            {k.replace("x509_", "x509.").replace("pq_", "pq."): v for k, v in overrides.items()}
+        )
+        body = "".join(f"{k} = {v}\n" for k, v in keys.items() if v)
+        path = self.root / "config"
+        path.write_text(f"[authenticate.server]\n{body}{extra}")
+        return str(path)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+def errors(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity == "error"]
+
+
+def warnings(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity == "warning"]
+
+
+def messages(findings: list[Finding]) -> str:
+    return "\n".join(str(f) for f in findings)
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def test_load_good_pki(pki: Pki) -> None:
+    creds = load_credentials(load_config(pki.config()))
+    server = creds.server
+    assert server.cert_chain_pem == pem(pki.leaf, pki.intermediate)
+    assert server.truststore_pem == pem(pki.ca)
+    assert server.crl_pem is None
+    loaded = serialization.load_pem_private_key(server.private_key_pem or b"", None)
+    assert loaded.private_numbers() == pki.leaf_key.private_numbers()
+    assert creds.client.cert_chain_pem is None and creds.client.usable
+
+
+def test_load_missing_file_names_file_and_key(pki: Pki) -> None:
+    missing = str(pki.root / "nope.pem")
+    with pytest.raises(CredentialsError) as info:
+        load_credentials(load_config(pki.config(x509_truststore=missing)))
+    assert info.value.file == missing
+    assert "[authenticate.server] x509.truststore" in str(info.value)
+    assert "not found" in str(info.value)
+
+
+def test_load_unreadable_file(pki: Pki) -> None:
+    # A directory stands in for an unreadable file: root may read mode-000 files.
+    with pytest.raises(CredentialsError, match="is a directory"):
+        load_credentials(load_config(pki.config(x509_certificate=str(pki.root))))
+
+
+def test_load_garbage_certificate(pki: Pki) -> None:
+    bad = write(
+        pki.root / "bad.pem", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(CredentialsError, match=r"x509.certificate: bad PEM certificate"):
+        load_credentials(load_config(pki.config(x509_certificate=bad)))
+    empty = write(pki.root / "empty.pem", b"hello\n")
+    with pytest.raises(CredentialsError, match="no PEM CERTIFICATE block"):
+        load_credentials(load_config(pki.config(x509_certificate=empty)))
+
+
+def test_load_mismatched_key(pki: Pki) -> None:
+    other = write(pki.root / "other.key", key_pem(make_key()), 0o600)
+    with pytest.raises(CredentialsError, match="does not match the certificate"):
+        load_credentials(load_config(pki.config(x509_private_key=other)))
+
+
+def test_load_encrypted_key(pki: Pki) -> None:
+    enc = pki.leaf_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    path = write(pki.root / "enc.key", enc, 0o600)
+    with pytest.raises(CredentialsError, match="encrypted private keys are not supported"):
+        load_credentials(load_config(pki.config(x509_private_key=path)))
+
+
+def test_load_pkcs11_url_is_rejected(pki: Pki) -> None:
+    with pytest.raises(CredentialsError, match=r"URLs .* are not supported"):
+        load_credentials(load_config(pki.config(x509_private_key="pkcs11:object=tls")))
+
+
+def test_partial_load_keeps_other_role(pki: Pki) -> None:
+    path = pki.config(
+        x509_truststore=str(pki.root / "missing.pem"),
+        extra=f"[authenticate.client]\nx509.truststore = {pki.truststore}\n",
+    )
+    creds = load_credentials_partial(load_config(path))
+    assert not creds.server.usable
+    assert "missing.pem" in creds.server.errors[0]
+    # Fail closed: no trust store PEM that could be mistaken for "system trust".
+    assert creds.server.truststore_pem is None
+    assert creds.client.usable and creds.client.truststore_pem == pem(pki.ca)
+
+
+def test_crl_is_loaded(pki: Pki) -> None:
+    crl = pki.crl("Test CA", pki.ca_key)
+    creds = load_credentials(load_config(pki.config(x509_crl=crl)))
+    assert creds.server.crl_pem and b"BEGIN X509 CRL" in creds.server.crl_pem
+
+
+# --- check-config ------------------------------------------------------------------------
+
+
+def test_check_good_pki_is_clean(pki: Pki) -> None:
+    findings = check_config(load_config(pki.config()))
+    assert findings == [], messages(findings)
+
+
+def test_check_mismatched_key(pki: Pki) -> None:
+    other = write(pki.root / "other.key", key_pem(make_key()), 0o600)
+    findings = errors(check_config(load_config(pki.config(x509_private_key=other))))
+    assert len(findings) == 1
+    assert findings[0].file == other
+    assert findings[0].key == "[authenticate.server] x509.private_key"
+    assert "does not match" in findings[0].message
+
+
+def test_check_expired_and_not_yet_valid(pki: Pki) -> None:
+    for kwargs, text in (
+        ({"not_before": NOW - 10 * DAY, "not_after": NOW - DAY}, "expired"),
+        ({"not_before": NOW + DAY, "not_after": NOW + 10 * DAY}, "not valid before"),
+    ):
+        leaf = make_cert(
+            "server.example",
+            pki.leaf_key,
+            ("Test Intermediate", pki.int_key),
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+            san="server.example",
+            **kwargs,
+        )
+        write(pki.root / "server.pem", pem(leaf, pki.intermediate))
+        found = errors(check_config(load_config(pki.config())))
+        assert [f.key for f in found] == ["[authenticate.server] x509.certificate"]
+        assert text in found[0].message
+
+
+def test_check_expiring_soon_is_a_warning(pki: Pki) -> None:
+    leaf = make_cert(
+        "server.example",
+        pki.leaf_key,
+        ("Test Intermediate", pki.int_key),
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        san="server.example",
+        not_after=NOW + 3 * DAY,
+    )
+    write(pki.root / "server.pem", pem(leaf, pki.intermediate))
+    findings = check_config(load_config(pki.config()))
+    assert not errors(findings)
+    assert "expires soon" in messages(findings)
+
+
+def test_check_unreadable_and_missing_files(pki: Pki) -> None:
+    missing = str(pki.root / "missing.key")
+    path = pki.config(x509_private_key=missing, x509_truststore=str(pki.root))
+    found = errors(check_config(load_config(path)))
+    by_key = {f.key: f for f in found}
+    assert "not found" in by_key["[authenticate.server] x509.private_key"].message
+    assert "is a directory" in by_key["[authenticate.server] x509.truststore"].message
+
+
+def test_check_key_mode_and_owner(pki: Pki) -> None:
+    os.chmod(pki.private_key, 0o644)
+    os.chown(pki.certificate, 65534, -1)
+    try:
+        os.chmod(pki.truststore, 0o666)
+        findings = check_config(load_config(pki.config()))
+    finally:
+        os.chown(pki.certificate, os.getuid(), -1)
+    assert not errors(findings)
+    text = messages(findings)
+    assert "mode 0644 lets group/other read the key; expected 0600" in text
+    assert "group/other-writable" in text
+    if os.getuid() == 0:
+        assert "owned by uid 65534, expected root" in text
+
+
+def test_check_chain_not_to_truststore(pki: Pki) -> None:
+    other_ca = make_cert("Other CA", make_key(), ca=True)
+    write(pki.root / "ca.pem", pem(other_ca))
+    findings = check_config(load_config(pki.config()))
+    assert not errors(findings)
+    (warn,) = warnings(findings)
+    assert "does not chain to [authenticate.server] x509.truststore" in warn.message
+    assert "Test Intermediate" in warn.message
+
+
+def test_check_chain_missing_intermediate(pki: Pki) -> None:
+    write(pki.root / "server.pem", pem(pki.leaf))
+    (warn,) = warnings(check_config(load_config(pki.config())))
+    assert "no issuer found for CN=server.example" in warn.message
+
+
+def test_check_eku(pki: Pki) -> None:
+    leaf = make_cert(
+        "client.example",
+        pki.leaf_key,
+        ("Test Intermediate", pki.int_key),
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+    )
+    cert = write(pki.root / "client.pem", pem(leaf, pki.intermediate))
+    path = pki.root / "config"
+    path.write_text(
+        "[authenticate.client]\n"
+        f"x509.truststore = {pki.truststore}\n"
+        f"x509.certificate = {cert}\n"
+        f"x509.private_key = {pki.private_key}\n"
+    )
+    (warn,) = warnings(check_config(load_config(str(path))))
+    assert warn.key == "[authenticate.client] x509.certificate"
+    assert "lacks clientAuth" in warn.message
+
+
+def test_check_crl_issuer(pki: Pki) -> None:
+    good = pki.crl("Test CA", pki.ca_key)
+    assert check_config(load_config(pki.config(x509_crl=good))) == []
+    stranger = pki.crl("Stranger CA", make_key())
+    (warn,) = warnings(check_config(load_config(pki.config(x509_crl=stranger))))
+    assert "CRL issuer CN=Stranger CA is not in the trust store" in warn.message
+
+
+def test_check_half_configured_role(pki: Pki) -> None:
+    found = errors(check_config(load_config(pki.config(x509_private_key=""))))
+    assert [f.key for f in found] == ["[authenticate.server] x509.private_key"]
+    assert "x509.certificate is set but x509.private_key is not" in found[0].message
+
+
+def test_check_pq_keys_warn(pki: Pki) -> None:
+    findings = check_config(load_config(pki.config(x509_pq_certificate="/etc/pq.pem")))
+    (warn,) = warnings(findings)
+    assert warn.key == "[authenticate.server] x509.pq.certificate"
+    assert "not supported by this implementation" in warn.message
+
+
+def test_check_url_key_is_error(pki: Pki) -> None:
+    found = errors(check_config(load_config(pki.config(x509_private_key="pkcs11:id=%01"))))
+    assert found and "not supported" in found[0].message
