@@ -1,0 +1,344 @@
+"""Config parsing (GKeyFile dialect), validation, search order and keyrings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tlshd.config import (
+    DEFAULT_STATUS_SOCKET,
+    Config,
+    ConfigError,
+    check_config,
+    find_config_path,
+    keyring_entry_problem,
+    keyring_serial,
+    load_config,
+)
+
+# As shipped by ktls-utils: everything but [debug] commented out.
+UPSTREAM_SHIPPED = """\
+#
+# ktls-utils tlshd configuration file
+#
+[debug]
+loglevel=0
+tls=0
+nl=0
+
+[authenticate]
+#keyrings= <keyring>;<keyring>;<keyring>
+
+[authenticate.client]
+#x509.truststore= <pathname>
+#x509.crl= <pathname>
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+
+[authenticate.server]
+#x509.truststore= <pathname>
+#x509.crl= <pathname>
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+"""
+
+# The minimal config of the Docker Hardened Image guide (dhi-ktls-utils-guide.md).
+DHI_MINIMAL = """\
+[debug]
+loglevel = 0
+tls = 0
+nl = 0
+
+[authenticate]
+keyrings =
+"""
+
+# An NFS server with mTLS, as a site would write it.
+NFS_SERVER = """\
+[debug]
+loglevel=1
+tls=3
+delay_done = 2
+
+[authenticate]
+keyrings=.nfsd;site-keys;12345
+
+[authenticate.client]
+x509.truststore=/etc/pki/tls/certs/site-ca.pem
+
+[authenticate.server]
+x509.truststore= /etc/pki/tls/certs/site-ca.pem
+x509.crl= /etc/pki/tls/crl/site.crl
+x509.certificate= /etc/pki/tls/certs/nfs.example.pem
+x509.private_key= /etc/pki/tls/private/nfs.example.key
+x509.pq.certificate= /etc/pki/tls/certs/nfs-mldsa.pem
+x509.pq.private_key= /etc/pki/tls/private/nfs-mldsa.key
+"""
+
+# ktls-utils 0.7-0.9 used [main].
+HISTORICAL = """\
+[main]
+debug=1
+tlsdebug=2
+nl_debug=3
+keyrings=.nvme;mine
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "config") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def load(tmp_path: Path, text: str) -> Config:
+    return load_config(write(tmp_path, text))
+
+
+# --- upstream files work unchanged --------------------------------------------------------
+
+
+def test_upstream_shipped_file(tmp_path: Path) -> None:
+    config = load(tmp_path, UPSTREAM_SHIPPED)
+    assert config == Config(path=str(tmp_path / "config"))
+    assert config.warnings == ()
+
+
+def test_dhi_minimal_config(tmp_path: Path) -> None:
+    config = load(tmp_path, DHI_MINIMAL)
+    assert config.keyrings == ()
+    assert config.loglevel == config.tls_debug == config.nl_debug == 0
+    assert config.warnings == ()
+
+
+def test_nfs_server_config(tmp_path: Path) -> None:
+    config = load(tmp_path, NFS_SERVER)
+    assert (config.loglevel, config.tls_debug, config.nl_debug, config.delay_done) == (1, 3, 0, 2)
+    assert config.keyrings == (".nfsd", "site-keys", "12345")
+    assert config.client.truststore == "/etc/pki/tls/certs/site-ca.pem"
+    assert config.client.certificate is None
+    server = config.server
+    assert server.truststore == "/etc/pki/tls/certs/site-ca.pem"
+    assert server.crl == "/etc/pki/tls/crl/site.crl"
+    assert server.certificate == "/etc/pki/tls/certs/nfs.example.pem"
+    assert server.private_key == "/etc/pki/tls/private/nfs.example.key"
+    assert server.pq_certificate == "/etc/pki/tls/certs/nfs-mldsa.pem"
+    assert server.pq_private_key == "/etc/pki/tls/private/nfs-mldsa.key"
+    assert config.warnings == ()
+
+
+def test_historical_main_section(tmp_path: Path) -> None:
+    config = load(tmp_path, HISTORICAL)
+    assert (config.loglevel, config.tls_debug, config.nl_debug) == (1, 2, 3)
+    assert config.keyrings == (".nvme", "mine")
+    assert len(config.warnings) == 4
+    assert "[main] tlsdebug: historical key; use [debug] tls" in config.warnings[1]
+
+
+def test_new_keys_win_over_historical(tmp_path: Path) -> None:
+    config = load(tmp_path, HISTORICAL + "[debug]\nloglevel=0\n[authenticate]\nkeyrings=x\n")
+    assert config.loglevel == 0 and config.tls_debug == 2
+    assert config.keyrings == ("x",)
+    assert any("loglevel" not in w and "ignored: the new key" in w for w in config.warnings)
+
+
+def test_misspelt_authentication_section_of_0_10(tmp_path: Path) -> None:
+    config = load(tmp_path, "[authentication]\nkeyrings=a;b\n")
+    assert config.keyrings == ("a", "b")
+    assert "misspelt section" in config.warnings[0]
+
+
+# --- GKeyFile dialect ------------------------------------------------------------------
+
+
+def test_keys_are_case_sensitive(tmp_path: Path) -> None:
+    config = load(tmp_path, "[debug]\nLogLevel=1\n")
+    assert config.loglevel == 0
+    assert config.warnings == (f"{tmp_path}/config:2: [debug] LogLevel: unknown key, ignored",)
+
+
+def test_semicolon_is_not_a_comment(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "[authenticate]\nkeyrings = a ; b;;c\\;d;\n"
+        "[authenticate.client]\nx509.certificate = /x;y.pem\n",
+    )
+    assert config.keyrings == ("a", "b", "c;d")
+    assert config.client.certificate == "/x;y.pem"
+
+
+def test_escapes_and_whitespace(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "  # indented comment\n"
+        "[authenticate.client]\n"
+        "   x509.certificate   =   /a\\sb\\\\c.pem   \n"
+        "x509.truststore=\\s/lead\n",
+    )
+    assert config.client.certificate == "/a b\\c.pem"
+    assert config.client.truststore == " /lead"
+
+
+def test_repeated_group_merges_and_last_key_wins(tmp_path: Path) -> None:
+    config = load(tmp_path, "[debug]\nloglevel=1\n[pool]\n[debug]\ntls=2\nloglevel=3\n")
+    assert (config.loglevel, config.tls_debug) == (3, 2)
+    assert "line 2 is overridden" in config.warnings[0]
+
+
+def test_empty_path_means_unset(tmp_path: Path) -> None:
+    config = load(tmp_path, "[authenticate.server]\nx509.truststore=\n")
+    assert config.server.truststore is None
+
+
+def test_unknown_sections_and_keys_warn(tmp_path: Path) -> None:
+    config = load(tmp_path, "[debug]\nverbose=1\n[authenticate.server]\nx509.foo=1\n[extra]\na=b\n")
+    path = f"{tmp_path}/config"
+    assert config.warnings == (
+        f"{path}:2: [debug] verbose: unknown key, ignored",
+        f"{path}:4: [authenticate.server] x509.foo: unknown key, ignored",
+        f"{path}: unknown section [extra], ignored",
+    )
+
+
+# --- our sections -------------------------------------------------------------------------
+
+
+def test_our_sections(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "[pool]\nmin_workers=1\nmax_workers=4\nmax_handshakes=10\nmax_rss_mib=64\n"
+        "[worker]\nuser=tlshd\ndrop_privileges=false\nhandshake_timeout_ms=2500\n"
+        "[status]\nsocket=/tmp/t.sock\n",
+    )
+    assert (config.pool.min_workers, config.pool.max_workers) == (1, 4)
+    assert (config.pool.max_handshakes, config.pool.max_rss_mib) == (10, 64)
+    assert config.worker.user == "tlshd"
+    assert config.worker.drop_privileges is False
+    assert config.worker.handshake_timeout_ms == 2500
+    assert config.status_socket == "/tmp/t.sock"
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path, "")
+    assert config.status_socket == DEFAULT_STATUS_SOCKET
+    assert config.worker.drop_privileges is True
+    assert config.pool.min_workers <= config.pool.max_workers
+
+
+# --- errors name the file, section and key ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[debug]\nloglevel=yes\n", "config:2: [debug] loglevel: 'yes' is not an integer"),
+        ("[debug]\ndelay_done=-1\n", "[debug] delay_done: -1 is out of range"),
+        ("[main]\ntlsdebug=1x\n", "[main] tlsdebug: '1x' is not an integer"),
+        ("[pool]\nmin_workers=0\n", "[pool] min_workers: 0 is out of range (1..1024)"),
+        ("[pool]\nmin_workers=5\nmax_workers=4\n", "[pool] min_workers (5) is greater than"),
+        ("[pool]\nmax_rss_mib=1\n", "[pool] max_rss_mib: 1 is out of range"),
+        ("[worker]\nhandshake_timeout_ms=99\n", "out of range (100..60000)"),
+        ("[worker]\nhandshake_timeout_ms=60001\n", "out of range (100..60000)"),
+        ("[worker]\ndrop_privileges=maybe\n", "[worker] drop_privileges: 'maybe' is not true"),
+        ("[worker]\nuser=a b\n", "[worker] user: 'a b' is not a user name"),
+        ("[status]\nsocket=rel.sock\n", "[status] socket: 'rel.sock' must be an absolute path"),
+        ("[status]\nsocket=/" + "x" * 120 + "\n", "longer than 107 bytes"),
+        ("[authenticate.client]\nx509.crl=a\\qb\n", "x509.crl: invalid escape sequence \\q"),
+        ("loglevel=1\n", "config:1: key 'loglevel' appears before any [section]"),
+        ("[debug]\nloglevel\n", "config:2: 'loglevel' is not a key=value pair"),
+        ("[debug\n", "config:1: '[debug' is not a key=value pair"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert str(info.value).startswith(str(tmp_path / "config"))
+    assert fragment in str(info.value)
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope: configuration file not found"):
+        load_config(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"is a directory"):
+        load_config(str(tmp_path))
+    (tmp_path / "bin").write_bytes(b"[debug]\n\xff\n")
+    with pytest.raises(ConfigError, match=r"bin: not valid UTF-8"):
+        load_config(str(tmp_path / "bin"))
+
+
+def test_boolean_spellings(tmp_path: Path) -> None:
+    for word, value in (("true", True), ("0", False), ("False", False), ("1", True)):
+        config = load(tmp_path, f"[worker]\ndrop_privileges={word}\n")
+        assert config.worker.drop_privileges is value
+
+
+# --- search order -----------------------------------------------------------------------
+
+
+def test_explicit_path_wins(tmp_path: Path) -> None:
+    legacy = write(tmp_path, "", "tlshd.conf")
+    assert find_config_path("/x/y", legacy, "/p") == "/x/y"
+
+
+def test_legacy_path_used_with_notice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    legacy = write(tmp_path, "", "tlshd.conf")
+    primary = str(tmp_path / "tlshd" / "config")
+    logger = logging.getLogger("tlshd")
+    logger.propagate, old = True, logger.propagate
+    try:
+        with caplog.at_level(logging.INFO, logger="tlshd"):
+            assert find_config_path(None, legacy, primary) == legacy
+    finally:
+        logger.propagate = old
+    assert f"Please relocate {legacy} to {primary}" in caplog.text
+
+
+def test_primary_path_when_no_legacy(tmp_path: Path) -> None:
+    primary = str(tmp_path / "config")
+    assert find_config_path(None, str(tmp_path / "tlshd.conf"), primary) == primary
+
+
+# --- keyrings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "serial", "ok"),
+    [
+        (".nvme", None, True),
+        ("site-keys", None, True),
+        ("12345", 12345, True),
+        ("0x1f", 31, True),
+        ("0", 0, False),
+        ("99999999999", 99999999999, False),
+        ("-3", None, False),
+        ("0xzz", None, False),
+        ("two words", None, False),
+        ("tab\there", None, False),
+    ],
+)
+def test_keyring_entries(entry: str, serial: int | None, ok: bool) -> None:
+    assert keyring_serial(entry) == serial
+    assert (keyring_entry_problem(entry) is None) is ok
+
+
+def test_check_config_flags_bad_keyrings_and_warnings(tmp_path: Path) -> None:
+    config = load(tmp_path, "[authenticate]\nkeyrings=good;-3\n[debug]\nodd=1\n")
+    findings = check_config(config)
+    path = str(tmp_path / "config")
+    assert [(f.severity, f.file, f.key) for f in findings] == [
+        ("warning", f"{path}:4", "[debug] odd"),
+        ("error", path, "[authenticate] keyrings"),
+    ]
+    assert "'-3'" in findings[1].message
+
+
+def test_check_config_unknown_user(tmp_path: Path) -> None:
+    findings = check_config(load(tmp_path, "[worker]\nuser=no-such-user-tlshd\n"))
+    assert [(f.severity, f.key) for f in findings] == [("error", "[worker] user")]
+
+
+def test_check_config_root_workers_warn(tmp_path: Path) -> None:
+    findings = check_config(load(tmp_path, "[worker]\ndrop_privileges=false\n"))
+    assert [(f.severity, f.key) for f in findings] == [("warning", "[worker] drop_privileges")]
