@@ -342,3 +342,29 @@ def test_check_config_unknown_user(tmp_path: Path) -> None:
 def test_check_config_root_workers_warn(tmp_path: Path) -> None:
     findings = check_config(load(tmp_path, "[worker]\ndrop_privileges=false\n"))
     assert [(f.severity, f.key) for f in findings] == [("warning", "[worker] drop_privileges")]
+
+
+# --- shipped example and documentation --------------------------------------------------
+
+REPO = Path(__file__).parent.parent
+
+
+def test_example_config_loads_cleanly() -> None:
+    config = load_config(str(REPO / "etc" / "config.example"))
+    assert config.warnings == ()
+    defaults = Config(path=config.path)
+    assert (config.pool, config.worker, config.status_socket) == (
+        defaults.pool,
+        defaults.worker,
+        defaults.status_socket,
+    )
+
+
+def test_every_key_is_documented() -> None:
+    from tlshd.config import KNOWN_KEYS
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    for section, keys in KNOWN_KEYS.items():
+        assert f"[{section}]" in doc, section
+        for key in keys:
+            assert f"`{key}`" in doc or f"[{section}] {key}`" in doc, (section, key)
