@@ -307,6 +307,9 @@ def test_check_key_mode_and_owner(pki: Pki) -> None:
     assert "group/other-writable" in text
     if os.getuid() == 0:
         assert "owned by uid 65534, expected root" in text
+    os.chmod(pki.private_key, 0o640)
+    text = messages(check_config(load_config(pki.config())))
+    assert "mode 0640 lets group/other read the key" in text
 
 
 def test_check_chain_not_to_truststore(pki: Pki) -> None:
