@@ -51,6 +51,18 @@ def same_socket(fd: int, sock: socket.socket) -> bool:
     return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
+def fds_open_on(sock: socket.socket) -> int:
+    """How many fds of this process refer to `sock`'s open file (e.g. "socket:[123]")."""
+    target = os.readlink(f"/proc/self/fd/{sock.fileno()}")
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == target
+        except OSError:
+            continue
+    return count
+
+
 def test_open_resolves_family_and_joins_group(kernel: FakeKernel) -> None:
     netlink = kernel.make_netlink()
     assert kernel.listeners == 0
@@ -93,6 +105,7 @@ def test_ready_accept_done_with_a_real_tcp_socket(
     # The installed fd really is the consumer's connection.
     os.write(params.sockfd, b"hello")
     assert client.recv(5) == b"hello"
+    assert fds_open_on(server) == 3  # consumer, fake kernel's reference, daemon
 
     daemon.done(params.sockfd, 0, [12])
     assert request.wait_done(5) == (0, (12,))
@@ -245,14 +258,13 @@ def test_family_missing_in_fake() -> None:
 def test_malformed_accept_reply_fails_the_installed_fd(
     kernel: FakeKernel, daemon: HandshakeNetlink, tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
-    before = set(os.listdir("/proc/self/fd"))
     request = kernel.submit(
         tcp_pair[1], MsgType.CLIENTHELLO, AuthMode.UNAUTH, extra_attrs=nl.encode_attr(4, b"\x01")
     )
     with pytest.raises(nl.NetlinkDecodeError):
         daemon.accept()
     assert request.wait_done(1) == (errno.EIO, ())
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert fds_open_on(tcp_pair[1]) == 1  # the fake kernel's dup and the daemon's copy are gone
 
 
 def test_forked_daemon(kernel: FakeKernel, tcp_pair: tuple[socket.socket, socket.socket]) -> None:
@@ -347,3 +359,48 @@ def test_real_kernel_codec_against_nlctrl() -> None:
         assert netlink.probe_op_maxattr(0x10, nl.CTRL_CMD_GETFAMILY) == 2
     finally:
         netlink.close()
+
+
+class StallOnceTransport:
+    """Wraps a transport; the next recv() times out without consuming the reply."""
+
+    def __init__(self, inner: FakeTransport) -> None:
+        self.inner = inner
+        self.stall_next = False
+
+    def recv(self) -> bytes:
+        if self.stall_next:
+            self.stall_next = False
+            raise TimeoutError
+        return self.inner.recv()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_late_accept_reply_is_failed_not_leaked(
+    kernel: FakeKernel, tcp_pair: tuple[socket.socket, socket.socket]
+) -> None:
+    notify, cmd = kernel.make_transports()
+    stalling = StallOnceTransport(cmd)
+    netlink = HandshakeNetlink(notify, stalling)  # type: ignore[arg-type]
+    netlink.open()
+    request = kernel.submit(tcp_pair[1], MsgType.CLIENTHELLO, AuthMode.UNAUTH)
+    stalling.stall_next = True
+    with pytest.raises(NetlinkError) as info:
+        netlink.accept()
+    assert info.value.errno == errno.ETIMEDOUT
+    # The next ACCEPT finds the late reply (its fd already installed) first.
+    assert netlink.accept() is None
+    assert request.wait_done(1) == (errno.EIO, ())
+    assert fds_open_on(tcp_pair[1]) == 1
+    netlink.close()
+
+
+def test_family_without_tlshd_group(kernel: FakeKernel) -> None:
+    kernel.group_ids = {"none": 40}
+    netlink = kernel.make_netlink()
+    with pytest.raises(HandshakeFamilyMissing):
+        netlink.open()
+    assert kernel.listeners == 0
+    netlink.close()
