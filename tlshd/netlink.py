@@ -578,7 +578,10 @@ class HandshakeNetlink:
     # -- lifecycle
 
     def open(self) -> None:
-        """Resolve the family and its `tlshd` group and join it; see HandshakeFamilyMissing."""
+        """Resolve the family and its `tlshd` group, join it, and probe DONE's attributes.
+
+        Raises HandshakeFamilyMissing on kernels without net/handshake, and
+        OSError/NetlinkError otherwise; call close() afterwards either way."""
         if self._notify is None:
             self._notify = RealNetlinkTransport()
         if self._cmd is None:
@@ -592,6 +595,7 @@ class HandshakeNetlink:
         self._notify.setblocking(False)
         self.family_id = info.family_id
         self.group_id = group_id
+        self._done_maxattr = self.probe_done_attrs()
 
     def close(self) -> None:
         for transport in (self._notify, self._cmd):
@@ -656,7 +660,11 @@ class HandshakeNetlink:
     # -- commands
 
     def accept(self) -> HandshakeParams | None:
-        """ACCEPT the next pending request; None when there is none (EAGAIN)."""
+        """ACCEPT the next pending request; None when there is none (EAGAIN).
+
+        Raises NetlinkError for any other kernel error (ETIMEDOUT if no reply
+        came) and NetlinkDecodeError for a malformed reply, after failing the
+        fd it installed with DONE(EIO)."""
         family_id = self._require(self.family_id)
         seq = self._next_seq()
         self._send(encode_accept_request(family_id, seq))
@@ -726,7 +734,7 @@ class HandshakeNetlink:
             maxattr = None
         if maxattr is None or maxattr < DoneAttr.SOCKFD:
             maxattr = DEFAULT_DONE_MAXATTR
-        log.debug("kernel DONE accepts attributes up to %d", maxattr)
+        log.debug("kernel DONE accepts attributes up to type %d", maxattr)
         return maxattr
 
     def probe_op_maxattr(self, family_id: int, op: int) -> int | None:
