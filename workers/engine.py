@@ -1,0 +1,558 @@
+"""The TLS engine: one TLS 1.3 handshake on a kernel-owned TCP socket, then kTLS.
+
+`perform_handshake` is the worker's whole job for a request.  It never raises,
+never changes the socket's O_NONBLOCK flag, never calls shutdown() and never
+sends close_notify: the fd is shared with the kernel consumer that takes the
+socket back after DONE.  Status values follow upstream tlshd (upstream-tlshd.md
+§5.2): EACCES for handshake and verification failures, ETIMEDOUT for a premature
+close or the deadline, EKEYREJECTED for an unknown_psk_identity alert, EIO for
+missing local material and any failure after the handshake.  Status 0 is only
+reported once both TLS_TX and TLS_RX were installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from OpenSSL import SSL
+from OpenSSL._util import lib
+from tlshd.workers import ktls, psk, tlsctx, verify
+from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY, TlsState
+
+from tlshd.config import Config
+from tlshd.credentials import Credentials, RoleCredentials
+from tlshd.keys import KeyService, KeyServiceError
+from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.uapi import IPPROTO_TCP, AuthMode, MsgType
+
+# nfsd only tests REMOTE_AUTH for non-zero; upstream sends UINT_MAX per verified
+# client certificate since 1.3.0 instead of adding it to a keyring.
+X509_SERVER_PEER_ID = 0xFFFFFFFF
+
+_PREMATURE_CLOSE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+
+@dataclass
+class HandshakeContext:
+    """Everything the engine needs besides the socket and the ACCEPT parameters."""
+
+    config: Config
+    credentials: Credentials
+    keys: KeyService
+    deadline: float  # time.monotonic() value
+    log: logging.LoggerAdapter
+    set_phase: Callable[[str], None] = lambda _phase: None
+    install_ktls: Callable[[socket.socket, bytes, bytes], None] = ktls.install_ktls
+
+
+class HandshakeFailure(Exception):
+    """Ends a handshake with `status`; the message goes to the log and DONE detail."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Request:
+    """Per-handshake state; never shared between handshakes."""
+
+    sock: socket.socket
+    params: HandshakeParams
+    ctx: HandshakeContext
+    is_server: bool
+    state: TlsState = field(default_factory=TlsState)
+    conn: SSL.Connection | None = None
+    peername: str = ""
+    remote_auth: tuple[int, ...] = ()
+
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        return self.ctx.log
+
+
+def perform_handshake(
+    sock: socket.socket, params: HandshakeParams, ctx: HandshakeContext
+) -> HandshakeResult:
+    """Run the handshake the kernel asked for and program kTLS. Never raises."""
+    try:
+        return _perform(sock, params, ctx)
+    except HandshakeFailure as failure:
+        ctx.log.error("handshake failed: %s", failure)
+        return HandshakeResult(status=failure.status, detail=str(failure))
+    except Exception as exc:  # a bug must still produce a DONE
+        ctx.log.exception("handshake aborted by an internal error")
+        return HandshakeResult(status=errno.EIO, detail=f"internal error: {exc!r}")
+
+
+def _perform(
+    sock: socket.socket, params: HandshakeParams, ctx: HandshakeContext
+) -> HandshakeResult:
+    _require_tcp(sock)
+    mode = (params.message_type, params.auth_mode)
+    prepare = _PREPARERS.get(mode)
+    if prepare is None:
+        raise HandshakeFailure(
+            errno.EIO,
+            f"unsupported handshake: message type {params.message_type}, "
+            f"auth mode {params.auth_mode}",
+        )
+    req = _Request(sock, params, ctx, is_server=params.message_type == MsgType.SERVERHELLO)
+    prepare(req)
+    with _SocketOptions(sock) as options:
+        ctx.set_phase("serverhello" if req.is_server else "clienthello")
+        _drive_handshake(req, options)
+        _after_handshake(req)
+        ctx.set_phase("ktls")
+        cipher = _hand_off_to_ktls(req)
+    ctx.log.info("handshake with %s completed (%s)", req.peername or "peer", cipher)
+    return HandshakeResult(status=0, remote_auth=req.remote_auth, cipher=cipher)
+
+
+def _require_tcp(sock: socket.socket) -> None:
+    try:
+        proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    except OSError as err:
+        raise HandshakeFailure(errno.EIO, f"getsockopt(SO_PROTOCOL): {err.strerror}") from err
+    if proto != IPPROTO_TCP:
+        raise HandshakeFailure(errno.EOPNOTSUPP, f"socket protocol {proto} is not TCP")
+
+
+# ------------------------------------------------------------------ preparing
+
+
+def _new_connection(req: _Request, context: SSL.Context) -> SSL.Connection:
+    conn = SSL.Connection(context, req.sock)
+    if req.is_server:
+        conn.set_accept_state()
+    else:
+        conn.set_connect_state()
+    req.conn = conn
+    return conn
+
+
+def _resolve_peer(req: _Request) -> verify.PeerName:
+    """PEERNAME from ACCEPT, else the numeric peer address (which then needs an IP SAN)."""
+    name = req.params.peername
+    if not name:
+        try:
+            name = req.sock.getpeername()[0]
+        except OSError as err:
+            raise HandshakeFailure(errno.EIO, f"getpeername: {err.strerror}") from err
+    try:
+        peer = verify.parse_peername(name)
+    except verify.PeerNameError as err:
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+    req.peername = peer.text
+    return peer
+
+
+def _prepare_client_x509_common(req: _Request, with_certificate: bool) -> None:
+    peer = _resolve_peer(req)
+    creds = req.ctx.credentials.client
+    context = tlsctx.new_context(req.state)
+    try:
+        if with_certificate:
+            _use_local_certificate(req, context, creds, "client")
+        tlsctx.configure_trust(context, creds)
+    except tlsctx.CredentialError as err:
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+    tlsctx.set_verify_client_role(context, req.state)
+    conn = _new_connection(req, context)
+    try:
+        verify.expect_peer(conn, peer)
+    except verify.PeerNameError as err:
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+
+
+def _prepare_client_unauth(req: _Request) -> None:
+    _prepare_client_x509_common(req, with_certificate=False)
+
+
+def _prepare_client_x509(req: _Request) -> None:
+    _prepare_client_x509_common(req, with_certificate=True)
+
+
+def _prepare_server_x509(req: _Request) -> None:
+    _resolve_peer_for_logs(req)
+    creds = req.ctx.credentials.server
+    context = tlsctx.new_context(req.state)
+    try:
+        _use_local_certificate(req, context, creds, "server")
+    except tlsctx.CredentialError as err:
+        # upstream 1.4.0 tells the client why instead of just dropping it
+        _send_plaintext_alert(req, ALERT_ACCESS_DENIED)
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+    try:
+        tlsctx.configure_trust(context, creds)
+    except tlsctx.CredentialError as err:
+        _send_plaintext_alert(req, ALERT_ACCESS_DENIED)
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+    tlsctx.set_verify_server_role(context, req.state)
+    _new_connection(req, context)
+
+
+def _prepare_client_psk(req: _Request) -> None:
+    _resolve_peer_for_logs(req)
+    chosen = _first_usable_psk(req)
+    context = tlsctx.new_context(req.state, psk.suites_for(chosen.hash_name))
+    _refuse_certificates(context)
+    psk.install_client_psk(context, req.state, chosen)
+    _new_connection(req, context)
+
+
+def _prepare_server_psk(req: _Request) -> None:
+    _resolve_peer_for_logs(req)
+    context = tlsctx.new_context(req.state)
+    _refuse_certificates(context)
+    keys, keyring = req.ctx.keys, req.params.keyring
+
+    def lookup(identity: str):  # type: ignore[no-untyped-def]
+        return keys.search_psk(identity, keyring)
+
+    psk.install_server_psk(context, req.state, lookup)
+    _new_connection(req, context)
+
+
+def _resolve_peer_for_logs(req: _Request) -> None:
+    try:
+        req.peername = req.params.peername or req.sock.getpeername()[0]
+    except OSError:
+        req.peername = "?"
+
+
+def _refuse_certificates(context: SSL.Context) -> None:
+    """PSK mode: a certificate from the peer means the PSK was not used; reject it
+    (otherwise a server ignoring the PSK would get an unauthenticated session)."""
+    context.set_verify(SSL.VERIFY_PEER, lambda *_args: False)
+
+
+def _first_usable_psk(req: _Request) -> psk.Psk:
+    """The first identity whose key can be read and used.
+
+    OpenSSL's TLS 1.3 client offers one external PSK per ClientHello, and a
+    server that rejects it ends the connection, so later identities cannot be
+    tried on this socket; the kernel (nvme-tcp) sends exactly one anyway.
+    """
+    problems: list[str] = []
+    for serial in req.params.peer_identities:
+        try:
+            chosen = psk.psk_from_key(req.ctx.keys.read_key(serial))
+        except (KeyServiceError, psk.PskError) as err:
+            problems.append(f"{serial:#x}: {err}")
+            continue
+        if len(req.params.peer_identities) > 1:
+            req.log.info(
+                "offering PSK %#x, the first usable of %d identities",
+                serial,
+                len(req.params.peer_identities),
+            )
+        return chosen
+    if not problems:
+        raise HandshakeFailure(errno.EIO, "no PSK identity in the request")
+    raise HandshakeFailure(errno.EIO, "no usable PSK: " + "; ".join(problems))
+
+
+def _use_local_certificate(
+    req: _Request, context: SSL.Context, creds: RoleCredentials, role: str
+) -> None:
+    """Certificate and key from the ACCEPT serials (DER) if given, else the config."""
+    params = req.params
+    if params.cert_serial or params.privkey_serial:
+        if not (params.cert_serial and params.privkey_serial):
+            raise tlsctx.CredentialError("ACCEPT names only one of certificate and private key")
+        try:
+            cert = req.ctx.keys.read_key(params.cert_serial).payload
+            key = req.ctx.keys.read_key(params.privkey_serial).payload
+        except KeyServiceError as err:
+            raise tlsctx.CredentialError(f"cannot read key material: {err}") from err
+        tlsctx.use_der_credentials(context, cert, key)
+        return
+    if creds.cert_chain_pem is None or creds.private_key_pem is None:
+        raise tlsctx.CredentialError(f"no {role} certificate or private key configured")
+    tlsctx.use_pem_credentials(context, creds.cert_chain_pem, creds.private_key_pem)
+
+
+_PREPARERS: dict[tuple[int, int], Callable[[_Request], None]] = {
+    (MsgType.CLIENTHELLO, AuthMode.UNAUTH): _prepare_client_unauth,
+    (MsgType.CLIENTHELLO, AuthMode.X509): _prepare_client_x509,
+    (MsgType.CLIENTHELLO, AuthMode.PSK): _prepare_client_psk,
+    (MsgType.SERVERHELLO, AuthMode.X509): _prepare_server_x509,
+    (MsgType.SERVERHELLO, AuthMode.PSK): _prepare_server_psk,
+}
+
+
+# ------------------------------------------------------------------- driving
+
+
+class _SocketOptions:
+    """TCP_NODELAY on during the handshake (as upstream), and, on a blocking fd,
+    SO_RCVTIMEO/SO_SNDTIMEO bounded by the deadline.
+
+    OpenSSL reads a record header, then its body, with separate read() calls, so
+    poll() saying "readable" does not stop a blocking read from hanging on a peer
+    that stalls mid-record.  The timeouts are socket options, not file status
+    flags, so setting them leaves O_NONBLOCK alone; old values are put back.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.saved: list[tuple[int, int, bytes | int]] = []
+        self.blocking = False
+
+    def __enter__(self) -> _SocketOptions:
+        self._save(socket.IPPROTO_TCP, socket.TCP_NODELAY, None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.blocking = _fd_is_blocking(self.sock)
+        if self.blocking:
+            self._save(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+            self._save(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)
+        return self
+
+    def _save(self, level: int, option: int, size: int | None) -> None:
+        if size is None:
+            self.saved.append((level, option, self.sock.getsockopt(level, option)))
+        else:
+            self.saved.append((level, option, self.sock.getsockopt(level, option, size)))
+
+    def bound_blocking_io(self, deadline: float) -> None:
+        if not self.blocking:
+            return
+        remaining = max(deadline - time.monotonic(), 0.001)  # 0 would mean "forever"
+        seconds = int(remaining)
+        timeval = struct.pack("@ll", seconds, int((remaining - seconds) * 1_000_000) or 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+    def __exit__(self, *_exc: object) -> None:
+        for level, option, value in reversed(self.saved):
+            # if the fd went away, the kernel consumer sees that failure itself
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(level, option, value)
+
+
+def _fd_is_blocking(sock: socket.socket) -> bool:
+    import fcntl
+    import os
+
+    return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+def _drive_handshake(req: _Request, options: _SocketOptions) -> None:
+    conn = req.conn
+    assert conn is not None
+    deadline = req.ctx.deadline
+    while True:
+        if time.monotonic() >= deadline:
+            raise HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
+        options.bound_blocking_io(deadline)
+        try:
+            conn.do_handshake()
+            return
+        except SSL.WantReadError:
+            _wait(req.sock, select.POLLIN, deadline)
+        except SSL.WantWriteError:
+            _wait(req.sock, select.POLLOUT, deadline)
+        except SSL.ZeroReturnError as err:
+            raise HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection") from err
+        except SSL.SysCallError as err:
+            raise _syscall_failure(err) from err
+        except SSL.Error as err:
+            raise _tls_failure(req, err) from err
+
+
+def _wait(sock: socket.socket, events: int, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
+    poller = select.poll()
+    poller.register(sock.fileno(), events)
+    if not poller.poll(max(1, int(remaining * 1000 + 0.999))):
+        raise HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
+
+
+def _syscall_failure(err: SSL.SysCallError) -> HandshakeFailure:
+    code = err.args[0] if err.args else -1
+    if code == -1 or code in _PREMATURE_CLOSE_ERRNOS:
+        # upstream maps GnuTLS's PREMATURE_TERMINATION to ETIMEDOUT so the
+        # consumer retries (NFS writeback) instead of failing hard
+        return HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection during the handshake")
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
+    return HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}")
+
+
+def _tls_failure(req: _Request, err: SSL.Error) -> HandshakeFailure:
+    state = req.state
+    reasons = _error_reasons(err)
+    if ALERT_UNKNOWN_PSK_IDENTITY in state.alerts_received:
+        return HandshakeFailure(errno.EKEYREJECTED, "peer does not know our PSK identity")
+    if any("unexpected eof" in reason for reason in reasons):
+        return HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection during the handshake")
+    detail = "; ".join(reasons) or str(err)
+    if state.verify_errors:
+        detail = f"certificate verification failed: {'; '.join(state.verify_errors)} ({detail})"
+    return HandshakeFailure(errno.EACCES, f"TLS handshake failed: {detail}")
+
+
+def _error_reasons(err: SSL.Error) -> list[str]:
+    reasons: list[str] = []
+    for entry in err.args[0] if err.args and isinstance(err.args[0], list) else []:
+        if isinstance(entry, tuple) and entry:
+            reasons.append(str(entry[-1]))
+    return reasons
+
+
+# ------------------------------------------------------------ after handshake
+
+
+def _after_handshake(req: _Request) -> None:
+    """Checks that decide the status before any key reaches the kernel."""
+    conn = req.conn
+    assert conn is not None
+    if req.state.deferred_verify_failure:
+        _send_encrypted_alert(req, ALERT_ACCESS_DENIED)
+        raise HandshakeFailure(
+            errno.EACCES,
+            "client certificate rejected: " + "; ".join(req.state.verify_errors),
+        )
+    version = conn.get_protocol_version_name()
+    if version != "TLSv1.3":
+        raise HandshakeFailure(errno.EIO, f"negotiated {version}, kTLS consumers need TLSv1.3")
+    mode = req.params.auth_mode
+    if mode == AuthMode.PSK:
+        _check_psk_used(req)
+    elif mode == AuthMode.X509 and req.is_server:
+        req.remote_auth = _server_x509_peer_ids(conn)
+    elif mode == AuthMode.X509:
+        req.remote_auth = _client_x509_peer_ids(req)
+
+
+def _check_psk_used(req: _Request) -> None:
+    conn = req.conn
+    assert conn is not None
+    if not lib.SSL_session_reused(conn._ssl) or req.state.psk_serial is None:
+        raise HandshakeFailure(errno.EACCES, "handshake completed without the PSK")
+    req.remote_auth = (req.state.psk_serial,)
+
+
+def _server_x509_peer_ids(conn: SSL.Connection) -> tuple[int, ...]:
+    """UINT_MAX per certificate the (verified) client presented; () without one."""
+    if conn.get_peer_certificate() is None:
+        return ()
+    # OpenSSL leaves the leaf out of a server's view of the peer chain
+    return (X509_SERVER_PEER_ID,) * (1 + len(conn.get_peer_cert_chain() or []))
+
+
+def _client_x509_peer_ids(req: _Request) -> tuple[int, ...]:
+    """As upstream: each server certificate becomes an "asymmetric" key (0 on failure)."""
+    conn = req.conn
+    assert conn is not None
+    ids: list[int] = []
+    for cert in conn.get_peer_cert_chain(as_cryptography=True) or []:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        try:
+            serial = req.ctx.keys.add_peer_certificate(
+                cert.public_bytes(Encoding.DER), f"TLS x509 {req.peername}"
+            )
+        except Exception as err:  # a keyring problem must not fail a verified session
+            req.log.warning("cannot add peer certificate to the keyring: %s", err)
+            serial = 0
+        ids.append(serial)
+    return tuple(ids)
+
+
+def _hand_off_to_ktls(req: _Request) -> str:
+    """Derive both directions' keys and install them; returns the cipher name."""
+    conn = req.conn
+    assert conn is not None
+    cipher = conn.get_cipher_name() or "?"
+    try:
+        tx_info, rx_info = _crypto_infos(req)
+    except ktls.KtlsError as err:
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+    try:
+        req.ctx.install_ktls(req.sock, tx_info, rx_info)
+    except ktls.KtlsError as err:
+        raise HandshakeFailure(errno.EIO, str(err)) from err
+    except OSError as err:
+        raise HandshakeFailure(errno.EIO, f"kTLS setup failed: {err}") from err
+    return cipher
+
+
+def _traffic_keys(req: _Request) -> tuple[ktls.SuiteInfo, bytes, bytes]:
+    """(suite, tx_secret, rx_secret) for our role."""
+    conn = req.conn
+    assert conn is not None
+    suite = ktls.suite_info(conn.get_cipher_name() or "")
+    client_random = conn.client_random()
+    client = req.state.traffic_secret("CLIENT_TRAFFIC_SECRET_0", client_random)
+    server = req.state.traffic_secret("SERVER_TRAFFIC_SECRET_0", client_random)
+    if client is None or server is None:
+        raise ktls.KtlsError("traffic secrets missing from the keylog callback")
+    return (suite, server, client) if req.is_server else (suite, client, server)
+
+
+def _crypto_infos(req: _Request) -> tuple[bytes, bytes]:
+    conn = req.conn
+    assert conn is not None
+    # Bytes OpenSSL already pulled off the socket would never reach the kernel.
+    if conn.pending():
+        raise ktls.KtlsError(
+            f"{conn.pending()} bytes of application data already buffered in user space"
+        )
+    suite, tx_secret, rx_secret = _traffic_keys(req)
+    tx_seq = req.state.nsts_written  # tickets we wrote used TX records 0..n-1
+    if tx_seq:
+        req.log.warning("OpenSSL sent %d session tickets; is OPENSSL_CONF applied?", tx_seq)
+    tx_info = ktls.crypto_info_from_secret(tx_secret, suite, tx_seq)
+    rx_info = ktls.crypto_info_from_secret(rx_secret, suite, 0)
+    return tx_info, rx_info
+
+
+# ----------------------------------------------------------------- raw alerts
+
+
+def _send_plaintext_alert(req: _Request, description: int) -> None:
+    """A fatal alert before any keys exist (RFC 8446 §5.1: TLSPlaintext)."""
+    _drain_client_hello(req)
+    _send_raw(req, ktls.plaintext_alert(description))
+
+
+def _send_encrypted_alert(req: _Request, description: int) -> None:
+    """A fatal alert under our application traffic key, the key the peer expects
+    once it sent its Finished (RFC 8446 §6)."""
+    try:
+        suite, tx_secret, _rx = _traffic_keys(req)
+        record = ktls.seal_alert(suite, tx_secret, req.state.nsts_written, description)
+    except ktls.KtlsError as err:
+        req.log.warning("cannot send alert: %s", err)
+        return
+    _send_raw(req, record)
+
+
+def _drain_client_hello(req: _Request) -> None:
+    """Read what the client sent, so closing the socket does not answer with RST
+    and destroy our alert in the client's receive queue."""
+    try:
+        _wait(req.sock, select.POLLIN, req.ctx.deadline)
+        req.sock.recv(65536, socket.MSG_DONTWAIT)
+    except (HandshakeFailure, OSError):
+        pass
+
+
+def _send_raw(req: _Request, data: bytes) -> None:
+    try:
+        _wait(req.sock, select.POLLOUT, req.ctx.deadline)
+        req.sock.send(data, socket.MSG_DONTWAIT)
+    except (HandshakeFailure, OSError) as err:
+        req.log.debug("cannot send alert: %s", err)

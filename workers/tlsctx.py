@@ -1,0 +1,249 @@
+"""Per-handshake OpenSSL contexts: TLS 1.3 policy, callbacks, credentials, trust.
+
+A context is built for every handshake.  That costs well under a millisecond
+and lets each callback close over the one `TlsState` it feeds, so nothing about
+a handshake lives in module globals (a pre-forked worker serves many).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    load_der_private_key,
+    load_pem_private_key,
+)
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi, lib
+
+from tlshd.credentials import RoleCredentials
+
+# kTLS-capable suites only (upstream ktls.c), in OpenSSL's default preference order.
+TLS13_SUITES = (
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_128_CCM_SHA256",
+)
+
+# TLS record content types and handshake message types (RFC 8446 §5.1, §4)
+CT_ALERT = 21
+CT_HANDSHAKE = 22
+HS_NEW_SESSION_TICKET = 4
+
+# Alert descriptions (RFC 8446 §6)
+ALERT_ACCESS_DENIED = 49
+ALERT_UNKNOWN_PSK_IDENTITY = 115
+
+SSL_TLSEXT_ERR_OK = 0
+SSL_TLSEXT_ERR_ALERT_FATAL = 2
+
+X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = 0x4
+
+_KEYLOG_LABELS = (b"CLIENT_TRAFFIC_SECRET_0", b"SERVER_TRAFFIC_SECRET_0")
+
+
+@dataclass
+class TlsState:
+    """What the OpenSSL callbacks learn during one handshake."""
+
+    # (label, client_random) -> secret, from the keylog callback
+    secrets: dict[tuple[str, bytes], bytes] = field(default_factory=dict)
+    nsts_written: int = 0
+    alerts_received: list[int] = field(default_factory=list)
+    alerts_sent: list[int] = field(default_factory=list)
+    verify_errors: list[str] = field(default_factory=list)
+    # server role, x509: chain failures recorded but not acted on by OpenSSL
+    deferred_verify_failure: bool = False
+    # PSK bookkeeping (workers/psk.py fills these)
+    psk_identities_seen: int = 0
+    psk_serial: int | None = None
+    # keeps cffi callbacks and buffers alive as long as the handshake
+    keepalive: list[Any] = field(default_factory=list)
+
+    def traffic_secret(self, label: str, client_random: bytes) -> bytes | None:
+        return self.secrets.get((label, client_random))
+
+
+class CredentialError(Exception):
+    """Local certificate or key material is missing or unusable (status EIO)."""
+
+
+def new_context(state: TlsState, suites: tuple[str, ...] = TLS13_SUITES) -> SSL.Context:
+    """A TLS 1.3-only context whose callbacks report into `state`."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_tls13_ciphersuites(":".join(suites).encode("ascii"))
+    # NO_TICKET alone still lets OpenSSL send stateful TLS 1.3 tickets; the
+    # OPENSSL_CONF NumTickets=0 does the real work (tlshd/openssl_conf.py).
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_keylog_callback(_keylog_callback(state))
+    _install_msg_callback(ctx, state)
+    return ctx
+
+
+def _keylog_callback(state: TlsState) -> Callable[[SSL.Connection, bytes], None]:
+    def on_keylog(_conn: SSL.Connection, line: bytes) -> None:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in _KEYLOG_LABELS:
+            state.secrets[(parts[0].decode(), bytes.fromhex(parts[1].decode()))] = bytes.fromhex(
+                parts[2].decode()
+            )
+
+    return on_keylog
+
+
+def _install_msg_callback(ctx: SSL.Context, state: TlsState) -> None:
+    """Count NewSessionTickets we write (they use up TX record numbers) and alerts."""
+
+    @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
+    def on_message(write_p, _version, content_type, buf, length, _ssl, _arg):  # type: ignore[no-untyped-def]
+        if length == 0:
+            return
+        data = ffi.cast("unsigned char *", buf)
+        if content_type == CT_HANDSHAKE and write_p and data[0] == HS_NEW_SESSION_TICKET:
+            state.nsts_written += 1
+        elif content_type == CT_ALERT and length >= 2:
+            (state.alerts_sent if write_p else state.alerts_received).append(data[1])
+
+    state.keepalive.append(on_message)
+    lib.SSL_CTX_set_msg_callback(ctx._context, on_message)
+
+
+def install_servername_callback(
+    ctx: SSL.Context, state: TlsState, decide_alert: Callable[[], int | None]
+) -> None:
+    """Run `decide_alert` once the ClientHello (including the PSK extension) is parsed.
+
+    OpenSSL calls the servername callback even without SNI, after all ClientHello
+    extensions were parsed; it is the one bound hook that may abort with an
+    alert of our choosing (the PSK find callback can only cause internal_error).
+    """
+
+    @ffi.callback("int(SSL *, int *, void *)")
+    def on_servername(_ssl, alert, _arg):  # type: ignore[no-untyped-def]
+        description = decide_alert()
+        if description is None:
+            return SSL_TLSEXT_ERR_OK
+        alert[0] = description
+        return SSL_TLSEXT_ERR_ALERT_FATAL
+
+    state.keepalive.append(on_servername)
+    lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, on_servername)
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def use_pem_credentials(ctx: SSL.Context, chain_pem: bytes, key_pem: bytes) -> None:
+    """Leaf first, then intermediates; raises CredentialError."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+        key = load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as err:
+        raise CredentialError(f"cannot parse certificate or private key: {err}") from err
+    _use_credentials(ctx, certs, key)
+
+
+def use_der_credentials(ctx: SSL.Context, cert_der: bytes, key_der: bytes) -> None:
+    """One DER certificate and one DER private key, as keyring payloads carry them."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        key = load_der_private_key(key_der, password=None)
+    except (ValueError, TypeError) as err:
+        raise CredentialError(f"cannot parse certificate or private key key: {err}") from err
+    _use_credentials(ctx, [cert], key)
+
+
+def _use_credentials(ctx: SSL.Context, certs: list[x509.Certificate], key: Any) -> None:
+    if not certs:
+        raise CredentialError("no certificate in the certificate file")
+    try:
+        ctx.use_certificate(crypto.X509.from_cryptography(certs[0]))
+        for extra in certs[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        ctx.check_privatekey()
+    except (SSL.Error, TypeError, ValueError) as err:
+        raise CredentialError(f"certificate and private key unusable: {err}") from err
+
+
+# ---------------------------------------------------------------------- trust
+
+
+def configure_trust(ctx: SSL.Context, creds: RoleCredentials) -> None:
+    """Trust anchors (configured PEM or the system store) and an optional CRL.
+
+    With a CRL configured, CRL_CHECK checks the leaf against it and fails closed
+    when the leaf's issuer has no CRL loaded.
+    """
+    store = ctx.get_cert_store()
+    assert store is not None
+    if creds.truststore_pem is None:
+        ctx.set_default_verify_paths()
+    else:
+        try:
+            anchors = x509.load_pem_x509_certificates(creds.truststore_pem)
+        except ValueError as err:
+            raise CredentialError(f"cannot parse the truststore: {err}") from err
+        for anchor in anchors:
+            store.add_cert(crypto.X509.from_cryptography(anchor))
+    if creds.crl_pem is not None:
+        for crl in _load_crls(creds.crl_pem):
+            store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+
+
+def _load_crls(pem: bytes) -> list[x509.CertificateRevocationList]:
+    marker = b"-----BEGIN X509 CRL-----"
+    blocks = [marker + chunk for chunk in pem.split(marker)[1:]]
+    try:
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except ValueError as err:
+        raise CredentialError(f"cannot parse the CRL: {err}") from err
+    if not crls:
+        raise CredentialError("CRL file holds no CRL")
+    return crls
+
+
+def verify_error_string(code: int) -> str:
+    return ffi.string(lib.X509_verify_cert_error_string(code)).decode(errors="replace")
+
+
+def set_verify_client_role(ctx: SSL.Context, state: TlsState) -> None:
+    """Require a valid server chain; OpenSSL aborts with its own alert on failure."""
+
+    def on_verify(_conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+        if not ok:
+            state.verify_errors.append(_describe(cert, code, depth))
+        return bool(ok)
+
+    ctx.set_verify(SSL.VERIFY_PEER, on_verify)
+
+
+def set_verify_server_role(ctx: SSL.Context, state: TlsState) -> None:
+    """Request (not require) a client certificate; judge it after the handshake.
+
+    OpenSSL maps chain errors to bad_certificate/unknown_ca/... alerts and has no
+    error that maps to access_denied, which upstream sends (RFC 8446 §6.2).  So
+    failures are only recorded here; the engine then sends access_denied itself
+    under the server's application traffic key and reports EACCES.
+    """
+
+    def on_verify(_conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+        if not ok:
+            state.verify_errors.append(_describe(cert, code, depth))
+            state.deferred_verify_failure = True
+        return True
+
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, on_verify)
+
+
+def _describe(cert: crypto.X509, code: int, depth: int) -> str:
+    subject = cert.to_cryptography().subject.rfc4514_string()
+    return f"{verify_error_string(code)} (depth {depth}, {subject or 'no subject'})"
