@@ -99,7 +99,7 @@ def _probe_tickets() -> int:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    from OpenSSL import SSL, crypto
+    from OpenSSL import SSL
     from OpenSSL._util import ffi, lib
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -116,8 +116,8 @@ def _probe_tickets() -> int:
         .sign(key, hashes.SHA256())
     )
     server_ctx = SSL.Context(SSL.TLS_METHOD)
-    server_ctx.use_certificate(crypto.X509.from_cryptography(cert))
-    server_ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    server_ctx.use_certificate(cert)
+    server_ctx.use_privatekey(key)
     server_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     client_ctx = SSL.Context(SSL.TLS_METHOD)
     client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)

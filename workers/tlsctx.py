@@ -164,10 +164,10 @@ def _use_credentials(ctx: SSL.Context, certs: list[x509.Certificate], key: Any) 
     if not certs:
         raise CredentialError("no certificate in the certificate file")
     try:
-        ctx.use_certificate(crypto.X509.from_cryptography(certs[0]))
+        ctx.use_certificate(certs[0])
         for extra in certs[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(key)
         ctx.check_privatekey()
     except (SSL.Error, TypeError, ValueError) as err:
         raise CredentialError(f"certificate and private key unusable: {err}") from err
