@@ -271,19 +271,23 @@ def read_trace() -> list[dict]:
     return out
 
 
+def read_trace_since(mark: str) -> list[dict]:
+    """Trace events after the (last) trace marker that contains ``mark``."""
+    events = read_trace()
+    for i in range(len(events) - 1, -1, -1):
+        e = events[i]
+        if e["event"] == "tracing_mark_write" and mark in e["text"]:
+            return events[i + 1 :]
+    return []
+
+
 def handshakes(events: list[dict] | None = None, since: str | None = None) -> list[dict]:
     """One record per handshake request: role (server if submitted by nfsd), status.
 
     ``since`` restricts to events after the trace marker containing that text.
     """
-    events = read_trace() if events is None else events
-    if since is not None:
-        for i, e in enumerate(events):
-            if e["event"] == "tracing_mark_write" and since in e["text"]:
-                events = events[i + 1 :]
-                break
-        else:
-            events = []
+    if events is None:
+        events = read_trace_since(since) if since is not None else read_trace()
     reqs: dict[str, dict] = {}
     for e in events:
         req = e["fields"].get("req")

@@ -28,9 +28,13 @@ busybox syslogd -n -O $R/syslog.log &
 # the project under test, installed fresh into the venv baked into the root
 if ls /lab/run/wheels/*.whl >/dev/null 2>&1; then
     t0=$(cut -d' ' -f1 /proc/uptime)
-    if /opt/tlshd/bin/python -m pip install --no-deps --no-index --no-compile \
-        --disable-pip-version-check --root-user-action=ignore /lab/run/wheels/*.whl \
-        > $R/install.log 2>&1; then
+    if [ "$LAB_INSTALLER" = pip ]; then
+        set -- /opt/tlshd/bin/python -m pip install --no-deps --no-index --no-compile \
+            --disable-pip-version-check --root-user-action=ignore
+    else
+        set -- /opt/tlshd/bin/python /lab/run/install_wheel.py
+    fi
+    if "$@" /lab/run/wheels/*.whl > $R/install.log 2>&1; then
         echo "lab: project installed in $(awk -v t0=$t0 '{print $1-t0}' /proc/uptime)s"
     else
         echo "lab: INSTALL FAILED (see install.log)"; tail -5 $R/install.log

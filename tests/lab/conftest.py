@@ -1,0 +1,73 @@
+"""Fixtures of the real-kernel lab tests (``pytest -m lab``).
+
+One guest boot per daemon kind runs every NFS scenario in sequence
+(guest/nfs_scenarios.py); the tests assert on the JSON each scenario wrote.
+Results are kept in ``$TLSHD_LAB_RESULTS/<daemon>`` when that is set,
+otherwise in pytest's temporary directory (printed on failure).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.lab.vm import GuestResult, run_guest
+
+NFS_SCRIPT = "#!/bin/sh\nexec python3 /lab/run/nfs_scenarios.py\n"
+_runs: dict[str, GuestResult] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Lab tests boot QEMU: they run only when selected with ``-m lab``."""
+    expr = config.getoption("-m") or ""
+    if "lab" in expr and "not lab" not in expr:
+        return
+    skip = pytest.mark.skip(reason="real-kernel lab: run with pytest -m lab (root, QEMU, slow)")
+    for item in items:
+        if "lab" in item.keywords:
+            item.add_marker(skip)
+
+
+def tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def nfs_lab(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], GuestResult]:
+    """``nfs_lab(daemon)``: the (cached) guest run of all NFS scenarios."""
+
+    def get(daemon: str) -> GuestResult:
+        if daemon not in _runs:
+            base = os.environ.get("TLSHD_LAB_RESULTS")
+            out = Path(base) / daemon if base else tmp_path_factory.mktemp(f"lab-{daemon}")
+            _runs[daemon] = run_guest(NFS_SCRIPT, daemon=daemon, timeout=1200, results_dir=out)
+        return _runs[daemon]
+
+    return get
+
+
+@pytest.fixture
+def scenario(nfs_lab: Callable[[str], GuestResult]) -> Callable[[str, str], dict]:
+    """``scenario(daemon, name)``: that scenario's JSON, or a failure that says why."""
+
+    def get(daemon: str, name: str) -> dict:
+        res = nfs_lab(daemon)
+        where = f"results in {res.results_dir}"
+        data = res.scenario(name)
+        if data is None:
+            setup = res.scenario("setup") or {}
+            pytest.fail(
+                f"{daemon}: scenario {name} left no result ({where}; guest rc={res.returncode}, "
+                f"timed out={res.timed_out}); setup: {setup.get('error')}\n"
+                f"--- scenario.log\n{tail(res.text('scenario.log'))}\n"
+                f"--- daemon-{daemon}.log\n{tail(res.text(f'daemon-{daemon}.log'))}\n"
+                f"--- console\n{tail(res.console_log.read_text(errors='replace'), 20)}"
+            )
+        data["_where"] = where
+        data["_daemon_log"] = tail(res.text(f"daemon-{daemon}.log"), 30)
+        return data
+
+    return get

@@ -1,0 +1,92 @@
+"""NFS over TLS against the real kernel: our tlshd and upstream's, side by side.
+
+The guest boots once per daemon kind (see conftest.py); each test checks one
+scenario's JSON.  Run: ``pytest -m lab tests/lab`` (``-k ours`` for ours only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
+DAEMONS = pytest.mark.parametrize("daemon", ["ours", "upstream"])
+Scenario = Callable[[str, str], dict]
+
+
+def why(sc: dict, *keys: str) -> str:
+    shown = {k: sc.get(k) for k in keys}
+    return f"{sc['_where']}: {shown}\n--- daemon log tail\n{sc['_daemon_log']}"
+
+
+def assert_mounted_io(sc: dict, xprtsec: str) -> None:
+    m = sc["mount"]
+    assert m["rc"] == 0, f"mount -o {m['opts']} failed: {m['output']}\n" + why(sc, "hs")
+    assert sc["xprtsec_in_proc_mounts"], f"/proc/mounts lacks xprtsec={xprtsec}: {m['proc_mounts']}"
+    io = sc["io"]
+    assert io["write_ok"], why(sc, "io")
+    assert io["server_sees_same"], why(sc, "io")
+    assert io["read_back_same"], why(sc, "io")
+
+
+def assert_both_handshakes_ok(sc: dict) -> None:
+    hs = sc["hs"]
+    assert hs["client_ok"] >= 1, f"no client handshake with status 0: {why(sc, 'hs', 'handshakes')}"
+    assert hs["server_ok"] >= 1, f"no server handshake with status 0: {why(sc, 'hs', 'handshakes')}"
+    assert not hs["failed_status"], why(sc, "hs", "handshakes")
+
+
+@DAEMONS
+def test_mount_xprtsec_tls(daemon: str, scenario: Scenario) -> None:
+    assert_mounted_io(scenario(daemon, "tls_mount"), "tls")
+
+
+@DAEMONS
+def test_mount_xprtsec_mtls(daemon: str, scenario: Scenario) -> None:
+    assert_mounted_io(scenario(daemon, "mtls_mount"), "mtls")
+
+
+@DAEMONS
+@pytest.mark.parametrize("name", ["tls_mount", "mtls_mount"])
+def test_ktls_carries_traffic(daemon: str, name: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, name)
+    assert sc["mount"]["rc"] == 0, why(sc, "mount")
+    assert_both_handshakes_ok(sc)
+    before, mounted = sc["tls_stat_before"], sc["tls_stat_mounted"]
+    # one client and one server socket, each with kTLS in both directions
+    for key in ("TlsTxSw", "TlsRxSw"):
+        assert mounted[key] - before[key] >= 2, f"{key}: {before[key]} -> {mounted[key]}"
+    for key in ("TlsCurrTxSw", "TlsCurrRxSw"):
+        assert mounted[key] >= 2, f"{key} while mounted: {mounted[key]}"
+    assert mounted.get("TlsDecryptError", 0) == before.get("TlsDecryptError", 0)
+
+
+@DAEMONS
+def test_mtls_export_refuses_client_without_cert(daemon: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, "mtls_export_refuses_tls")
+    assert sc["refused"]["rc"] != 0, f"xprtsec=tls client mounted an mtls-only export: {why(sc)}"
+    control = sc["control"]
+    assert control["mount"]["rc"] == 0, f"mtls client refused by the mtls export: {control}"
+    assert control["io"]["read_back_same"], control["io"]
+
+
+@DAEMONS
+def test_wrong_server_name_is_eacces(daemon: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, "wrong_server_name")
+    assert sc["mount"]["rc"] != 0, f"mount by a name not in the certificate worked: {why(sc)}"
+    st = sc["client_statuses"]
+    assert st, f"no completed client handshake: {why(sc, 'handshakes')}"
+    assert all(s == -13 for s in st), f"client DONE status {st}, want -13 (EACCES): {why(sc)}"
+
+
+@DAEMONS
+def test_daemon_sigkill_and_restart(daemon: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, "kill_restart")
+    assert sc["killed_pid"], why(sc, "killed_pid")
+    assert sc.get("restarted_pid"), why(sc, "restarted_pid", "error")
+    after = sc["after"]
+    assert_mounted_io(after, "tls")
+    assert_both_handshakes_ok(after)
+    # The mount in flight at the kill is retried by the kernel: it must end too.
+    assert sc["inflight"]["rc"] == 0, f"in-flight mount: {sc['inflight']}"
