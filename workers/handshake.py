@@ -6,6 +6,10 @@ the supervisor keeps its copy and sends DONE.  The socket's flags are never
 changed: `socket.socket(fileno=...)` leaves O_NONBLOCK as the kernel consumer
 set it.
 
+Everything a worker runs is imported here, in the supervisor, before fork:
+after the privilege drop a worker may not be able to read the Python
+installation (and each lazy import would cost every worker again).
+
 Keys: a worker has no privilege to read kernel keys, so `IpcKeyService` asks
 the supervisor over the worker's channel and waits (bounded by the handshake
 deadline) for the matching `key_reply`.
@@ -21,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from setproctitle import setproctitle
+from tlshd.workers.engine import HandshakeContext
+from tlshd.workers.ktls import install_ktls
 
 from tlshd import ipc
 from tlshd.keys import KeyMaterial, KeyServiceError
@@ -114,13 +120,6 @@ def worker_peer_name(sock: socket.socket, params: HandshakeParams) -> str:
     return address or "unknown peer"
 
 
-def make_context(**fields: Any) -> Any:
-    """The engine's HandshakeContext (imported late: the engine is heavy)."""
-    from tlshd.workers.engine import HandshakeContext
-
-    return HandshakeContext(**fields)
-
-
 class HandshakeJob:
     """Runs the engine for one `handshake` message and reports the result."""
 
@@ -158,7 +157,7 @@ class HandshakeJob:
 
     def _call_engine(self, sock: socket.socket) -> HandshakeResult:
         try:
-            ctx = make_context(
+            ctx = HandshakeContext(
                 config=self.generation.config,
                 credentials=self.generation.credentials,
                 keys=IpcKeyService(self.channel, self.req_id, self.deadline),
@@ -178,11 +177,7 @@ class HandshakeJob:
         return result
 
     def _install_ktls(self) -> Callable[[socket.socket, bytes, bytes], None]:
-        if self.install_ktls is not None:
-            return self.install_ktls
-        from tlshd.workers.ktls import install_ktls
-
-        return install_ktls
+        return self.install_ktls if self.install_ktls is not None else install_ktls
 
     def set_phase(self, phase: str) -> None:
         phase = phase[: ipc.MAX_PHASE_LEN]
