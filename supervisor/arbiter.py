@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import selectors
 import signal
@@ -514,10 +515,12 @@ class Arbiter:
 
     def log_worker_exit(self, worker: WorkerHandle) -> None:
         assert worker.exit_status is not None
+        if worker.killed:
+            log.debug("worker %d was killed by the supervisor", worker.pid)
+            return
         text, level = describe_exit(worker.exit_status)
-        expected = worker.killed or worker.retire_sent_at is not None
-        if expected and level < 40:
-            level = 10
+        if worker.retire_sent_at is not None and level < logging.ERROR:
+            level = logging.DEBUG  # retired on purpose
         log.log(level, "worker %d %s", worker.pid, text)
 
     def note_boot_death(self, worker: WorkerHandle) -> None:

@@ -5,9 +5,7 @@ workers, real loopback TCP sockets.  The handshake engine is a small fake
 from __future__ import annotations
 
 import errno
-import select
 import signal
-import socket
 import threading
 import time
 
@@ -15,46 +13,10 @@ import psutil
 import pytest
 
 from tests.fakekernel import FakeKernel
-from tests.helpers.daemon import (
-    config_text,
-    recv_exactly,
-    running_daemon,
-    short_tmpdir,
-    tcp_pair,
-)
-from tlshd.params import HandshakeResult
-from tlshd.uapi import AuthMode, MsgType
+from tests.helpers.daemon import config_text, running_daemon, short_tmpdir
+from tests.helpers.engines import Peer, gated_engine
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def gated_engine(sock: socket.socket, params, ctx) -> HandshakeResult:  # type: ignore[no-untyped-def]
-    """Waits for one byte from the peer, then answers with the worker's
-    handshake_timeout_ms (which tells the test which config generation ran it)."""
-    remaining = ctx.deadline - time.monotonic()
-    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
-        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
-    if not sock.recv(1):
-        return HandshakeResult(status=errno.ECONNRESET)
-    sock.sendall(f"{ctx.config.worker.handshake_timeout_ms}\n".encode())
-    return HandshakeResult(status=0, cipher="FAKE-CIPHER")
-
-
-class Peer:
-    """One consumer request: the TCP pair and the fake kernel's request."""
-
-    def __init__(self, kernel: FakeKernel, **submit_args) -> None:  # type: ignore[no-untyped-def]
-        self.client, self.server = tcp_pair()
-        args = {"message_type": MsgType.CLIENTHELLO, "auth_mode": AuthMode.UNAUTH, **submit_args}
-        self.request = kernel.submit(self.server, **args)
-
-    def release(self) -> bytes:
-        self.client.sendall(b"g")
-        return recv_exactly(self.client, 5)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.close()
 
 
 @pytest.fixture

@@ -1,0 +1,88 @@
+"""Fake handshake engines for supervisor tests; they run in forked workers.
+
+Each has the engine signature `(sock, params, ctx) -> HandshakeResult`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import socket
+import time
+from typing import Any
+
+from tests.fakekernel import FakeKernel
+from tests.helpers.daemon import recv_exactly, tcp_pair
+from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.uapi import AuthMode, MsgType
+
+
+def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Waits for one byte from the peer, then answers with the worker's
+    handshake_timeout_ms (which tells the test which config generation ran it)."""
+    remaining = ctx.deadline - time.monotonic()
+    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
+    if not sock.recv(1):
+        return HandshakeResult(status=errno.ECONNRESET)
+    sock.sendall(f"{ctx.config.worker.handshake_timeout_ms}\n".encode())
+    return HandshakeResult(status=0, cipher="FAKE-CIPHER")
+
+
+def _send(channel: socket.socket, message: dict[str, Any]) -> None:
+    channel.send(json.dumps(message).encode())
+
+
+def junk_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Misbehaves on the worker channel in the way `params.peername` names,
+    then waits to be killed.  Without a peername it behaves like gated_engine."""
+    kind = params.peername
+    if kind is None:
+        return gated_engine(sock, params, ctx)
+    channel: socket.socket = ctx.keys._channel
+    req = ctx.keys._req_id
+    if kind == "not-json":
+        channel.send(b"\xff\x00 this is not json")
+    elif kind == "unknown-op":
+        _send(channel, {"op": "exec", "req": req})
+    elif kind == "wrong-req":
+        _send(channel, {"op": "result", "req": req + 1000, "result": {"status": 0}})
+    elif kind == "status-out-of-range":
+        _send(channel, {"op": "result", "req": req, "result": {"status": 5000}})
+    elif kind == "bool-status":
+        _send(channel, {"op": "result", "req": req, "result": {"status": True}})
+    elif kind == "foreign-remote-auth":
+        _send(channel, {"op": "result", "req": req, "result": {"status": 0, "remote_auth": [7]}})
+    elif kind == "sends-fd":
+        r, _w = os.pipe()
+        socket.send_fds(
+            channel,
+            [json.dumps({"op": "phase", "req": req, "phase": "x", "peer": "p"}).encode()],
+            [r],
+        )
+    elif kind == "ready-again":
+        _send(channel, {"op": "ready", "pid": os.getpid(), "generation": 1})
+    elif kind == "phase-not-string":
+        _send(channel, {"op": "phase", "req": req, "phase": ["x"], "peer": "p"})
+    time.sleep(60)
+    return HandshakeResult(status=0)
+
+
+class Peer:
+    """One consumer request: the loopback TCP pair and the fake kernel's request."""
+
+    def __init__(self, kernel: FakeKernel, **submit_args: Any) -> None:
+        self.client, self.server = tcp_pair()
+        args = {"message_type": MsgType.CLIENTHELLO, "auth_mode": AuthMode.UNAUTH, **submit_args}
+        self.request = kernel.submit(self.server, **args)
+
+    def release(self) -> bytes:
+        """Let gated_engine finish; returns its answer line."""
+        self.client.sendall(b"g")
+        return recv_exactly(self.client, 5)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
