@@ -291,8 +291,8 @@ def handshakes(events: list[dict] | None = None, since: str | None = None) -> li
     reqs: dict[str, dict] = {}
     for e in events:
         req = e["fields"].get("req")
-        if not req or not e["event"].startswith("handshake_"):
-            continue
+        if not req or not e["event"].startswith("handshake_") or not req.strip("0"):
+            continue  # accept errors carry req=0
         r = reqs.setdefault(req, {"req": req, "events": []})
         r["events"].append(e["event"])
         if e["event"] == "handshake_submit":
@@ -307,7 +307,8 @@ def handshakes(events: list[dict] | None = None, since: str | None = None) -> li
     for r in reqs.values():
         if "t_submit" in r and "t_complete" in r:
             r["latency"] = round(r["t_complete"] - r["t_submit"], 3)
-    return list(reqs.values())
+    # requests submitted before the marker are left out
+    return [r for r in reqs.values() if "t_submit" in r]
 
 
 def tls_stat() -> dict[str, int]:
