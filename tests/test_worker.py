@@ -1,0 +1,122 @@
+"""The worker process: privileges, inherited descriptors, titles, boot failure."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+from tests.fakekernel import FakeKernel
+from tests.helpers.daemon import config_text, running_daemon, short_tmpdir, start_daemon
+from tests.helpers.engines import Peer, gated_engine
+from workers.privileges import read_status_fields
+
+pytestmark = pytest.mark.timeout(120)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+
+
+@pytest.fixture
+def kernel():  # type: ignore[no-untyped-def]
+    with FakeKernel() as fake:
+        yield fake
+
+
+def idle_worker(daemon) -> int:  # type: ignore[no-untyped-def]
+    doc = daemon.wait_for(
+        lambda d: any(w["state"] == "idle" for w in d["workers"]), what="idle worker"
+    )
+    return next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
+
+
+def socket_fds(pid: int) -> list[str]:
+    links = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except FileNotFoundError:
+            continue
+    return [link for link in links if link.startswith("socket:")]
+
+
+@needs_root
+def test_worker_is_nobody_without_capabilities(kernel: FakeKernel) -> None:
+    with running_daemon(kernel, gated_engine) as daemon:
+        pid = idle_worker(daemon)
+        status = read_status_fields(f"/proc/{pid}/status")
+        nobody = 65534
+        assert status["Uid"].split() == [str(nobody)] * 4
+        assert status["Gid"].split() == [str(nobody)] * 4
+        assert status["Groups"] == ""
+        for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[key], 16) == 0, (key, status[key])
+        assert status["NoNewPrivs"] == "1"
+        # The supervisor keeps its privileges.
+        supervisor = read_status_fields(f"/proc/{daemon.pid}/status")
+        assert supervisor["Uid"].split()[0] == "0"
+        assert int(supervisor["CapEff"], 16) != 0
+
+
+def test_drop_privileges_false_keeps_user_but_sets_no_new_privs(kernel: FakeKernel) -> None:
+    directory = short_tmpdir()
+    text = config_text(directory / "status.sock", drop_privileges=False)
+    with running_daemon(kernel, gated_engine, config=text, directory=directory) as daemon:
+        status = read_status_fields(f"/proc/{idle_worker(daemon)}/status")
+        assert status["Uid"].split()[0] == str(os.getuid())
+        assert status["NoNewPrivs"] == "1"
+
+
+def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
+    directory = short_tmpdir()
+    text = config_text(directory / "status.sock", min_workers=2, timeout_ms=30000)
+    with running_daemon(kernel, gated_engine, config=text, directory=directory) as daemon:
+        assert psutil.Process(daemon.pid).cmdline()[0].startswith("tlshd: supervisor")
+        # Two requests in flight: each worker holds exactly its channel and its own socket.
+        peers = [Peer(kernel), Peer(kernel)]
+        doc = daemon.wait_for(lambda d: d["in_flight"] == 2, what="two in flight")
+        daemon.wait_for(lambda d: d["queued"] == 0, what="queue empty")
+        for worker in doc["workers"]:
+            if worker["state"] != "busy":
+                continue
+            assert len(socket_fds(worker["pid"])) == 2, socket_fds(worker["pid"])
+            title = psutil.Process(worker["pid"]).cmdline()[0]
+            assert title.startswith("tlshd: worker 127.0.0.1:"), title
+            assert title.endswith("clienthello"), title
+        # A worker forked while two accepted sockets are open inherits neither.
+        doc = daemon.wait_for(
+            lambda d: any(w["state"] == "idle" for w in d["workers"]), what="spare worker"
+        )
+        spare = next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
+        assert len(socket_fds(spare)) == 1, socket_fds(spare)
+        assert psutil.Process(spare).cmdline()[0].startswith("tlshd: worker idle")
+        for peer in peers:
+            peer.release()
+            assert peer.request.wait_done(10)[0] == 0
+
+
+def test_worker_exits_when_supervisor_dies(kernel: FakeKernel) -> None:
+    with running_daemon(kernel, gated_engine) as daemon:
+        pid = idle_worker(daemon)
+        daemon.signal(9)
+        daemon.wait()
+        end = time.monotonic() + 10
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < end, "orphaned worker kept running"
+            time.sleep(0.05)
+
+
+def test_unknown_worker_user_stops_the_daemon(kernel: FakeKernel) -> None:
+    directory = short_tmpdir()
+    text = config_text(directory / "status.sock", user="no-such-user-tlshd")
+    if os.geteuid() != 0:
+        pytest.skip("the worker user is only looked up when running as root")
+    daemon = start_daemon(kernel, gated_engine, config=text, directory=directory, wait_ready=False)
+    try:
+        assert daemon.wait() == 1
+        log = daemon.log()
+        assert "'no-such-user-tlshd' does not exist" in log
+        assert "workers cannot start" in log
+        assert log.count("spawned worker") <= 2  # no respawn loop
+    finally:
+        daemon.stop()
