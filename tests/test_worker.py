@@ -7,11 +7,11 @@ import time
 
 import psutil
 import pytest
+from tlshd.workers.privileges import read_status_fields
 
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import config_text, running_daemon, short_tmpdir, start_daemon
 from tests.helpers.engines import Peer, gated_engine
-from workers.privileges import read_status_fields
 
 pytestmark = pytest.mark.timeout(120)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")

@@ -86,3 +86,44 @@ class Peer:
     def close(self) -> None:
         self.client.close()
         self.server.close()
+
+
+class ScopedKeyService:
+    """A SupervisorKeyService stand-in honouring the request scope: reads
+    only serials named in ACCEPT, adds certificates as serial 4242."""
+
+    def handle_for(self, scope: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        import base64
+
+        def reply(ok: bool, err: int = 0, serial: int = 0, payload: bytes = b"") -> dict[str, Any]:
+            return {
+                "ok": ok,
+                "errno": err,
+                "serial": serial,
+                "description": "d",
+                "payload_b64": base64.b64encode(payload).decode(),
+            }
+
+        if op == "key_read":
+            if args["serial"] not in scope.allowed_serials:
+                return reply(False, errno.EACCES, args["serial"])
+            return reply(True, 0, args["serial"], f"secret-{args['serial']}".encode())
+        if op == "add_cert":
+            return reply(True, 0, 4242)
+        return reply(False, errno.ENOKEY)
+
+
+def key_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Reads the certificate key ACCEPT named, tries one it did not name, adds
+    a peer certificate, and reports the new serial as REMOTE_AUTH."""
+    from tlshd.keys import KeyServiceError
+
+    material = ctx.keys.read_key(params.cert_serial)
+    try:
+        ctx.keys.read_key(params.cert_serial + 500)
+        denied = b"no"
+    except KeyServiceError as err:
+        denied = b"yes" if err.errno == errno.EACCES else b"??"
+    serial = ctx.keys.add_peer_certificate(b"\x30\x03\x02\x01\x01", "peer cert")
+    sock.sendall(material.payload + b" " + denied + b"\n")
+    return HandshakeResult(status=0, remote_auth=(serial,), cipher="FAKE")
