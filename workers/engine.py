@@ -210,9 +210,11 @@ def _prepare_client_psk(req: _Request) -> None:
 
 
 def _prepare_server_psk(req: _Request) -> None:
+    # No certificate is loaded, so a handshake can only complete with a PSK; and
+    # no VERIFY_PEER: OpenSSL then insists on a session id context for "resumption".
     _resolve_peer_for_logs(req)
-    context = tlsctx.new_context(req.state)
-    _refuse_certificates(context)
+    context = tlsctx.new_context(req.state, psk.SERVER_PSK_SUITES)
+    context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
     keys, keyring = req.ctx.keys, req.params.keyring
 
     def lookup(identity: str):  # type: ignore[no-untyped-def]

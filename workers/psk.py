@@ -38,6 +38,19 @@ PSK_SUITES = {
     "sha256": ("TLS_AES_128_GCM_SHA256", "TLS_AES_128_CCM_SHA256"),
     "sha384": ("TLS_AES_256_GCM_SHA384",),
 }
+# Server side.  OpenSSL picks the suite before it looks at the PSK extension and
+# then skips a PSK whose hash differs from the suite's, so with client preference
+# a client listing a SHA-384 suite first would lose its SHA-256 PSK.  Server
+# preference in this order picks a SHA-256 suite whenever the client offers one
+# and AES-256-GCM only for clients offering no SHA-256 suite (upstream tlshd's
+# psk_sha384 list: AES-256-GCM, CHACHA20).  Limitation: a client offering both
+# hashes with a SHA-384 PSK gets no PSK handshake.
+SERVER_PSK_SUITES = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_128_CCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+)
 # The cipher stored in the PSK session; only its hash matters to OpenSSL.
 _SESSION_SUITE = {"sha256": "TLS_AES_128_GCM_SHA256", "sha384": "TLS_AES_256_GCM_SHA384"}
 
