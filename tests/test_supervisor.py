@@ -217,3 +217,34 @@ def test_family_missing_exits_1_with_message() -> None:
             log.removeHandler(handler)
     assert any("handshake" in r and "Linux >= 6.5" in r for r in records), records
     assert len(arbiter.pool) == 0
+
+
+def test_run_daemon_on_a_kernel_without_the_family(caplog: pytest.LogCaptureFixture) -> None:
+    from tlshd.supervisor.arbiter import run_daemon
+
+    from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink
+
+    probe = HandshakeNetlink()
+    try:
+        probe.open()
+    except HandshakeFamilyMissing:
+        pass
+    else:
+        pytest.skip("this kernel has the handshake family")
+    finally:
+        probe.close()
+    from tlshd.config import load_config
+    from tlshd.log import log
+
+    directory = short_tmpdir()
+    path = directory / "tlshd.conf"
+    path.write_text(config_text(directory / "status.sock"))
+    propagate, log.propagate = log.propagate, True
+    try:
+        with caplog.at_level("INFO", logger="tlshd"):
+            assert run_daemon(str(path), load_config(str(path)), False) == 1
+    finally:
+        log.propagate = propagate
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("Linux >= 6.5" in message for message in errors), errors
+    assert not (directory / "status.sock").exists()

@@ -186,6 +186,7 @@ def start_daemon(
     keyservice: Any = None,
     environ: dict[str, str] | None = None,
     wait_ready: bool = True,
+    credentials: Credentials | None = None,
     **arbiter_kwargs: Any,
 ) -> Daemon:
     directory = directory or short_tmpdir()
@@ -210,7 +211,7 @@ def start_daemon(
                 str(config_path),
                 loaded,
                 netlink=netlink,
-                credentials=Credentials(),
+                credentials=credentials or Credentials(),
                 keyservice=keyservice or NullKeyService(),
                 engine=engine,
                 **arbiter_kwargs,
