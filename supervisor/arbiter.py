@@ -606,7 +606,9 @@ class Arbiter:
                     "worker %d served %d handshakes; recycling it", worker.pid, worker.handshakes
                 )
                 self.retire_worker(worker)
-            elif worker.rss_bytes > pool_config.max_rss_mib * 1024 * 1024:
+            elif worker.handshakes and worker.rss_bytes > pool_config.max_rss_mib * 1024 * 1024:
+                # Only a worker that has served: a fresh one's size is the
+                # baseline, and replacing it would only churn.
                 log.info("worker %d uses %d MiB; recycling it", worker.pid, worker.rss_bytes >> 20)
                 self.retire_worker(worker)
 

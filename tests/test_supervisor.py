@@ -14,7 +14,7 @@ import pytest
 
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import config_text, running_daemon, short_tmpdir
-from tests.helpers.engines import Peer, gated_engine
+from tests.helpers.engines import Peer, gated_engine, hoarding_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,3 +248,42 @@ def test_run_daemon_on_a_kernel_without_the_family(caplog: pytest.LogCaptureFixt
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("Linux >= 6.5" in message for message in errors), errors
     assert not (directory / "status.sock").exists()
+
+
+def test_sigint_fails_in_flight_at_once(kernel: FakeKernel) -> None:
+    with running_daemon(kernel, gated_engine) as daemon:
+        peer = Peer(kernel, timeout_ms=30000)
+        daemon.wait_for(lambda d: d["in_flight"] == 1, what="in flight")
+        daemon.signal(signal.SIGINT)
+        assert peer.request.wait_done(10) == (errno.EIO, ())
+        assert daemon.wait() == 0
+        assert "abandoning the handshake" in daemon.log()
+
+
+@pytest.mark.parametrize(
+    ("pool_extra", "expected_log", "engine"),
+    [
+        ("max_handshakes=2\n", "served 2 handshakes; recycling it", gated_engine),
+        ("max_rss_mib=32\n", "MiB; recycling it", hoarding_engine),
+    ],
+)
+def test_worker_recycling(kernel: FakeKernel, pool_extra: str, expected_log: str, engine) -> None:  # type: ignore[no-untyped-def]
+    directory = short_tmpdir()
+    text = config_text(directory / "status.sock", min_workers=1, max_workers=1)
+    text = text.replace("[worker]", pool_extra + "[worker]")
+    with running_daemon(kernel, engine, config=text, directory=directory) as daemon:
+        first = daemon.status()["workers"][0]["pid"]
+        for _ in range(2):
+            peer = Peer(kernel)
+            assert peer.release() == b"4000\n"
+            assert peer.request.wait_done(10)[0] == 0
+        daemon.wait_for_log(expected_log)
+        daemon.wait_for(
+            lambda d: (
+                [w["state"] for w in d["workers"]] == ["idle"] and d["workers"][0]["pid"] != first
+            ),
+            what="a fresh worker",
+        )
+        peer = Peer(kernel)
+        assert peer.release() == b"4000\n"
+        assert peer.request.wait_done(10)[0] == 0

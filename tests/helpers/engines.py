@@ -138,3 +138,12 @@ def accept_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
         version, _cipher = struct.unpack_from("=HH", info)
         if version != 0x0304:
             raise OSError(errno.EINVAL, "not a TLS 1.3 crypto_info")
+
+
+_HOARD: list[bytearray] = []
+
+
+def hoarding_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """gated_engine that also keeps 48 MiB of touched memory (a leaky worker)."""
+    _HOARD.append(bytearray(b"\x01" * (48 << 20)))
+    return gated_engine(sock, params, ctx)
