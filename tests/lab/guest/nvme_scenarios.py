@@ -172,7 +172,7 @@ def io_check(dev: str) -> dict:
     out["write_ok"] = w["rc"] == 0
     out["write"] = w
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    r = subprocess.run(["dd", f"if={dev}", "of=/dev/stdout", "bs=64k", "iflag=direct",
+    r = subprocess.run(["dd", f"if={dev}", "bs=64k", "iflag=direct",
                         f"count={IO_BYTES // 65536}"], capture_output=True, timeout=120,
                        check=False)  # fmt: skip
     out["read_rc"] = r.returncode
@@ -277,8 +277,9 @@ def bad_key_scenario(name: str, description: str) -> dict:
     p = run(["keyctl", "session", "-", sys.executable, str(Path(__file__).resolve()),
              "--badkey", description], timeout=90)  # fmt: skip
     res["helper"] = p
+    lines = [ln for ln in p["output"].splitlines() if ln.startswith("{")]
     try:
-        res["attempt"] = json.loads(p["output"].splitlines()[-1])
+        res["attempt"] = json.loads(lines[-1])
     except (ValueError, IndexError):
         res["attempt"] = {"error": "helper printed no JSON"}
     res["ctrls_after"] = ctrl_of_subsys()
@@ -292,13 +293,19 @@ def bad_key_scenario(name: str, description: str) -> dict:
     res["dmesg"] = dmesg_since(nd)
     a = res["attempt"]
     res["refused"] = a.get("connected") is False
-    res["ok"] = res["refused"] and any(s != 0 for s in res["hs"]["client_statuses"])
+    hs = res["hs"]
+    res["ok"] = (
+        res["refused"]
+        and bool(hs["client_statuses"])
+        and bool(hs["server_statuses"])
+        and 0 not in hs["client_statuses"] + hs["server_statuses"]
+    )
     return res
 
 
 def badkey_helper(description: str) -> int:
     """Runs in its own session keyring: add the wrong PSK and connect with it."""
-    out: dict = {"description": description}
+    out: dict = {"description": description, "t_start": lg.uptime()}
     try:
         ring = keyctl("newring", "tlshd-lab-wrong", "@s")
         keyctl("setperm", ring, KEY_PERM_ALL)
@@ -307,6 +314,7 @@ def badkey_helper(description: str) -> int:
         out.update(ring=int(ring), serial=int(serial), key=describe(int(serial)))
         opts = f"{RAW_OPTS},tls_key={serial}"
         out["opts"] = opts
+        out["t_connect"] = lg.uptime()
         t0 = time.monotonic()
         fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
         try:
