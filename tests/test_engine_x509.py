@@ -363,3 +363,14 @@ def test_server_without_certificate_sends_access_denied(pki: Pki, tmp_path: Path
         out = peer.wait_output("alert")
     assert "access denied" in out, out
     listener.close()
+
+
+def test_server_x509_ignores_a_client_psk(pki: Pki, tmp_path: Path) -> None:
+    """A client that also offers a PSK still gets the certificate handshake."""
+    args = ["-quiet", "-CAfile", str(pki.ca.cert_path), "-psk", "ab" * 32, "-psk_identity", "x"]
+    listener = loopback_listener()
+    with openssl_client(args, tmp_path / "c.log", listener) as peer:
+        ctx, capture, _ = engine_context(pki)
+        assert_ok(perform_handshake(peer.sock, server_params(peer.sock), ctx))
+        _server_exchange(peer.sock, peer, capture)
+    listener.close()
