@@ -403,15 +403,19 @@ class Arbiter:
             self.on_result(worker, message)
 
     def on_ready(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        if worker.state is not WorkerState.BOOTING:
+        if worker.ready_at is not None or worker.state not in (
+            WorkerState.BOOTING,
+            WorkerState.RETIRING,  # retired while booting (a reload): it exits soon
+        ):
             raise ipc.IpcError(f"'ready' from a worker in state {worker.state.value}")
         if ipc.check_int(message, "pid", 1, 2**31) != worker.pid:
             raise ipc.IpcError("'ready' names another pid")
         if ipc.check_int(message, "generation", 0, 2**31) != worker.generation:
             raise ipc.IpcError("'ready' names another generation")
         now = time.monotonic()
-        worker.state = WorkerState.IDLE
         worker.ready_at = worker.idle_since = now
+        if worker.state is WorkerState.BOOTING:
+            worker.state = WorkerState.IDLE
         self.boot_deaths = 0
         log.debug("worker %d ready (generation %d)", worker.pid, worker.generation)
 
@@ -746,8 +750,7 @@ class Arbiter:
         self.reap_all(REAP_TIMEOUT_S)
 
     def close(self) -> None:
-        if not self.stopping:
-            self.notifier.stopping()
+        self.notifier.stopping()
         self.status.close()
         self.signals.close()
         with contextlib.suppress(OSError, RuntimeError):

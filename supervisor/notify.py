@@ -37,6 +37,7 @@ class Notifier:
             self._address = address
         self._sock: socket.socket | None = None
         self._failed = False
+        self._stopping_sent = False
         self.watchdog_interval_s = self._watchdog_interval(env)
         self._next_watchdog = 0.0
         self._status_text = ""
@@ -85,7 +86,9 @@ class Notifier:
         self.send(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
 
     def stopping(self) -> None:
-        self.send("STOPPING=1")
+        """Sent once, whichever way the daemon ends."""
+        if not self._stopping_sent:
+            self._stopping_sent = self.send("STOPPING=1") or not self.enabled
 
     def set_status(self, text: str) -> None:
         """Remember a new STATUS= line; `tick` sends it, rate-limited."""

@@ -193,3 +193,47 @@ def test_status_socket_creates_private_directory_and_survives_failure() -> None:
 def test_tls_module_markers(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert not tls_module_present((str(tmp_path / "missing"),))
     assert tls_module_present((str(tmp_path),))
+
+
+def make_arbiter():  # type: ignore[no-untyped-def]
+    from tlshd.supervisor.arbiter import Arbiter
+
+    from tests.helpers.daemon import NullKeyService
+    from tests.helpers.engines import gated_engine
+    from tlshd.credentials import Credentials
+
+    return Arbiter(
+        "/nonexistent",
+        Config(),
+        netlink=object(),
+        credentials=Credentials(),  # type: ignore[arg-type]
+        keyservice=NullKeyService(),
+        engine=gated_engine,
+        notifier=Notifier({}),
+    )
+
+
+def test_ready_is_accepted_once_from_booting_or_retiring_workers() -> None:
+    from tlshd.supervisor.pool import WorkerHandle
+
+    from tlshd import ipc
+
+    arbiter = make_arbiter()
+    message = {"op": "ready", "pid": 123, "generation": 1}
+    booting = WorkerHandle(pid=123, sock=None, generation=1, spawned_at=0.0)
+    arbiter.on_ready(booting, message)
+    assert booting.state is WorkerState.IDLE
+    with pytest.raises(ipc.IpcError):
+        arbiter.on_ready(booting, message)  # twice
+    retiring = WorkerHandle(
+        pid=123, sock=None, generation=1, spawned_at=0.0, state=WorkerState.RETIRING
+    )
+    arbiter.on_ready(retiring, message)
+    assert retiring.state is WorkerState.RETIRING  # stays on its way out
+    for bad in (
+        {"op": "ready", "pid": 124, "generation": 1},
+        {"op": "ready", "pid": 123, "generation": 2},
+    ):
+        with pytest.raises(ipc.IpcError):
+            arbiter.on_ready(WorkerHandle(pid=123, sock=None, generation=1, spawned_at=0.0), bad)
+    arbiter.selector.close()

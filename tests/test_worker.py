@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import psutil
@@ -111,9 +112,16 @@ def test_unknown_worker_user_stops_the_daemon(kernel: FakeKernel) -> None:
     text = config_text(directory / "status.sock", user="no-such-user-tlshd")
     if os.geteuid() != 0:
         pytest.skip("the worker user is only looked up when running as root")
-    daemon = start_daemon(kernel, gated_engine, config=text, directory=directory, wait_ready=False)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(directory / "notify.sock"))
+    env = {"NOTIFY_SOCKET": str(directory / "notify.sock")}
+    daemon = start_daemon(
+        kernel, gated_engine, config=text, directory=directory, wait_ready=False, environ=env
+    )
     try:
         assert daemon.wait() == 1
+        notify.settimeout(5)
+        assert notify.recv(100) == b"STOPPING=1"  # never READY; systemd sees the stop
         log = daemon.log()
         assert "'no-such-user-tlshd' does not exist" in log
         assert "workers cannot start" in log
