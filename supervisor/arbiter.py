@@ -777,6 +777,7 @@ class Arbiter:
         self.notifier.tick(now)
 
     def snapshot(self) -> dict[str, Any]:
+        self.measure_workers()  # status requests are rare; show current sizes
         now = time.monotonic()
         return {
             "pid": os.getpid(),
