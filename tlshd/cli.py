@@ -85,12 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ensure_openssl_conf() -> None:
-    try:
-        from tlshd.openssl_conf import ensure_openssl_conf
-    except ModuleNotFoundError as err:
-        if err.name != "tlshd.openssl_conf":
-            raise
-        return
+    # OpenSSL reads OPENSSL_CONF once, when it initialises: NumTickets = 0 only
+    # takes effect if this runs before the first OpenSSL/cryptography import.
+    from tlshd.openssl_conf import ensure_openssl_conf
+
     ensure_openssl_conf()
 
 
@@ -118,9 +116,15 @@ def version_string() -> str:
 def run_main(config_arg: str | None, to_stderr: bool) -> int:
     """Load the config and hand over to the supervisor; its return is our exit code."""
     from tlshd.log import set_debug, setup_logging
+    from tlshd.selfcheck import BindingsError, require_bindings
 
     setup_logging(to_stderr=to_stderr, debug=False)
     log.info("tlshd %s starting", tlshd.__version__)
+    try:
+        require_bindings()
+    except BindingsError as err:
+        log.error("%s", err)
+        return 1
     path = find_config_path(config_arg)
     try:
         config = load_config(path)
