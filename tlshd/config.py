@@ -202,6 +202,7 @@ def _split_list(raw: str) -> Iterator[str]:
 
 
 _INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_INT_MAX_DIGITS = 18  # every bound below fits; longer numbers are out of range
 _TRUE = {"true", "1"}
 _FALSE = {"false", "0"}
 
@@ -223,6 +224,9 @@ class _Reader:
         value = self.groups.get(section, {}).get(key)
         if value is not None:
             self.used.add((section, key))
+            if "\0" in value.text:
+                # No path, user or keyring name can hold one (open() would raise ValueError).
+                raise ConfigError(f"{self.where(section, key)}: value contains a NUL byte")
         return value
 
     def has(self, section: str, key: str) -> bool:
@@ -246,6 +250,9 @@ class _Reader:
         text = text.strip()
         if not _INT_RE.match(text):
             raise ConfigError(f"{self.where(section, key)}: {text!r} is not an integer")
+        if len(text.lstrip("+-").lstrip("0")) > _INT_MAX_DIGITS:
+            # int() refuses more than sys.get_int_max_str_digits() digits anyway.
+            raise ConfigError(f"{self.where(section, key)}: {text[:20]!r}... is out of range")
         value = int(text)
         if not lo <= value <= hi:
             raise ConfigError(f"{self.where(section, key)}: {value} is out of range ({lo}..{hi})")
