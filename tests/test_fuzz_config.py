@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tlshd.config import KNOWN_KEYS, Config, ConfigError, check_config, load_config
+from tlshd.credentials import CredentialsError, load_credentials
 
 SETTINGS = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -70,6 +71,10 @@ def load_bytes(directory: Path, data: bytes) -> Config | None:
     assert config.pool.min_workers <= config.pool.max_workers
     findings = check_config(config)
     assert all(f.severity in ("error", "warning") for f in findings)
+    try:  # what the daemon does next with the paths it names
+        load_credentials(config)
+    except CredentialsError as err:
+        assert str(err)
     return config
 
 
@@ -134,6 +139,11 @@ def test_every_known_key_with_tricky_values(section: str, value: str, data: st.D
         b"[" + b"x" * 100_000 + b"]\n",
         b"\x00" * 1000,
         b"[debug]\nloglevel=1\x00\n",
+        b"[authenticate.client]\nx509.certificate=/etc/passwd\x00.pem\n",
+        b"[authenticate.server]\nx509.private_key=/" + b"k" * 5000 + b"\n",
+        b"[authenticate.server]\nx509.truststore=/etc/passwd\n",  # not PEM
+        b"[authenticate.client]\nx509.crl=/proc/self/status\n",
+        b"[worker]\nuser=a\x00b\n",
         b"\xff\xfe[debug]\n",  # a UTF-16 BOM is not UTF-8
         b"[debug]\nloglevel=\xc3\x28\n",  # invalid UTF-8 in a value
         b"\xef\xbb\xbf[debug]\nloglevel=1\n",  # UTF-8 BOM
