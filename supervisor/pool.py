@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -72,7 +72,6 @@ class WorkerHandle:
     killed: bool = False
     rss_bytes: int = 0
     exit_status: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
@@ -160,15 +159,6 @@ class WorkerPool:
             handle.exit_status = status
             del self.workers[handle.pid]
             reaped.append(handle)
-        return reaped
-
-    def wait_all(self, timeout_s: float) -> list[WorkerHandle]:
-        """Reap until every worker is gone or `timeout_s` passed."""
-        end = time.monotonic() + timeout_s
-        reaped = self.reap()
-        while self.workers and time.monotonic() < end:
-            time.sleep(0.02)
-            reaped.extend(self.reap())
         return reaped
 
     def close_channels_in_child(self) -> None:
