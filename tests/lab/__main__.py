@@ -26,7 +26,7 @@ from tests.lab.build import LabError, cache_dir, ensure_image, log
 SHELL_SETUP = """#!/bin/sh
 lab pki >/dev/null && lab config >/dev/null && lab trace-on && lab start-daemon >/dev/null \\
   && lab nfs-server
-cat <<'EOF'
+cat <<EOF
 lab: the daemon ($LAB_DAEMON, log in /lab/results/daemon-$LAB_DAEMON.log) and nfsd are up.
   mount -t nfs4 -o vers=4.2,xprtsec=tls 127.0.0.1:/ /mnt/a     # or xprtsec=mtls
   cat /proc/net/tls_stat; cat /sys/kernel/tracing/trace; lab handshakes

@@ -45,7 +45,7 @@ rc=0
 if [ "$LAB_MODE" = shell ]; then
     echo "lab: interactive shell; 'exit' powers the guest off"
     [ -x /lab/run/scenario ] && /lab/run/scenario
-    setsid cttyhack sh -l
+    setsid busybox cttyhack /bin/bash -l
 else
     t0=$(cut -d' ' -f1 /proc/uptime)
     ( cd $R && /lab/run/scenario ) > $R/scenario.log 2>&1 &
