@@ -21,11 +21,17 @@ _runs: dict[str, GuestResult] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Lab tests boot QEMU: they run only when selected with ``-m lab``."""
-    expr = config.getoption("-m") or ""
-    if "lab" in expr and "not lab" not in expr:
+    """Lab tests boot QEMU as root: skipped when not root or when TLSHD_LAB=0.
+
+    Select or drop them with the marker: ``-m lab`` / ``-m "not lab"``.
+    """
+    if os.environ.get("TLSHD_LAB") == "0":
+        reason = "real-kernel lab disabled by TLSHD_LAB=0"
+    elif os.geteuid() != 0:
+        reason = "real-kernel lab needs root (debootstrap, chroot, QEMU 9p shares)"
+    else:
         return
-    skip = pytest.mark.skip(reason="real-kernel lab: run with pytest -m lab (root, QEMU, slow)")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "lab" in item.keywords:
             item.add_marker(skip)
