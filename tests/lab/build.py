@@ -254,13 +254,13 @@ class Apt:
 
     def update(self) -> None:
         log(f"apt-get update ({SUITE}, private lists in {self.root})")
-        try:
-            run(["apt-get", *self.opts, "update"])
-        except LabError as e:
+        p = subprocess.run(["apt-get", *self.opts, "update"], capture_output=True, text=True,
+                           check=False)  # fmt: skip
+        if p.returncode != 0 or not self.have_lists():
             raise LabError(
                 f"cannot fetch the Debian {SUITE} package lists from {self.mirror} "
-                f"(no network to the Debian archive?)\n{e}"
-            ) from e
+                f"(no network to the Debian archive?)\n{(p.stdout + p.stderr)[-2000:]}"
+            )
 
     def kernel_candidates(self) -> list[tuple[str, str]]:
         p = run(["apt-cache", *self.opts, "pkgnames", "linux-image-6.12"])
@@ -349,18 +349,29 @@ def build_kernel(cache: Path, apt: Apt, refresh: bool = False) -> Kernel:
         kdir = cache / info["dir"]
         if _done(kdir):
             return Kernel(kdir, info["version"])
-    if refresh or not apt.have_lists():
+    updated = refresh or not apt.have_lists()
+    if updated:
         apt.update()
-    cands = apt.kernel_candidates()
-    if not cands:
-        raise LabError(f"no package matching {KERNEL_PATTERN.pattern} in Debian {SUITE}")
-    pkg, ver = cands[-1]
-    kdir = cache / f"kernel-{pkg}_{ver}"
-    if not _done(kdir):
+    while True:
+        cands = apt.kernel_candidates()
+        if not cands:
+            raise LabError(f"no package matching {KERNEL_PATTERN.pattern} in Debian {SUITE}")
+        pkg, ver = cands[-1]
+        kdir = cache / f"kernel-{pkg}_{ver}"
+        if _done(kdir):
+            break
         t0 = time.monotonic()
         log(f"fetching kernel {pkg} {ver}")
+        try:
+            deb = apt.download(pkg, cache / "debs-kernel")
+        except LabError:
+            if updated:
+                raise
+            log("download failed with the stored package lists: refreshing them")
+            apt.update()
+            updated = True
+            continue
         tmp = _fresh_dir(kdir)
-        deb = apt.download(pkg, cache / "debs-kernel")
         run(["dpkg-deb", "-x", deb, tmp])
         if not (tmp / "lib").exists() and (tmp / "usr" / "lib" / "modules").is_dir():
             (tmp / "lib").symlink_to("usr/lib")  # merged-/usr package, for depmod -b
@@ -371,6 +382,7 @@ def build_kernel(cache: Path, apt: Apt, refresh: bool = False) -> Kernel:
         _commit_dir(tmp, kdir, {"package": pkg, "version": ver, "uname": versions[0]})
         deb.unlink()
         log(f"kernel ready in {time.monotonic() - t0:.0f}s")
+        break
     uname = json.loads((kdir / ".done").read_text())["uname"]
     pin.write_text(json.dumps({"dir": kdir.name, "version": uname, "package": pkg}) + "\n")
     _prune(cache, "kernel-", kdir)
