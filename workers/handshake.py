@@ -17,6 +17,7 @@ deadline) for the matching `key_reply`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import select
 import socket
@@ -196,6 +197,11 @@ class HandshakeJob:
             log.debug("phase report failed: %s", err)
 
     def _report(self, result: HandshakeResult) -> None:
+        # The supervisor kills a worker whose strings pass ipc's bounds: trim them here.
+        cipher = result.cipher[: ipc.MAX_CIPHER_LEN] if result.cipher is not None else None
+        detail = result.detail[: ipc.MAX_DETAIL_LEN]
+        if (cipher, detail) != (result.cipher, result.detail):
+            result = dataclasses.replace(result, cipher=cipher, detail=detail)
         message = {"op": "result", "req": self.req_id, "result": result.to_wire()}
         try:
             ipc.send_message(self.channel, message)
