@@ -40,6 +40,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -378,7 +379,10 @@ class Arbiter:
                 self.worker_lost(worker, f"channel error: {err}")
                 return
             if message is None:
-                self.worker_lost(worker, "closed its channel")
+                if _hung_up(worker.sock):
+                    self.worker_lost(worker, "closed its channel")
+                else:  # a zero-length datagram reads like EOF, but the worker is alive
+                    self.reject_worker(worker, "an empty datagram")
                 return
             if fds:
                 for fd in fds:
@@ -806,6 +810,13 @@ class Arbiter:
             "handshakes": worker.handshakes,
             "generation": worker.generation,
         }
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True once the peer of a SOCK_SEQPACKET socket has closed its end."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
 
 
 def run_daemon(config_path: str, config: Config, to_stderr: bool) -> int:
