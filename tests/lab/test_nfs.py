@@ -89,5 +89,11 @@ def test_daemon_sigkill_and_restart(daemon: str, scenario: Scenario) -> None:
     after = sc["after"]
     assert_mounted_io(after, "tls")
     assert_both_handshakes_ok(after)
-    # The mount in flight at the kill is retried by the kernel: it must end too.
-    assert sc["inflight"]["rc"] == 0, f"in-flight mount: {sc['inflight']}"
+    # The mount in flight at the kill must end: either it completes (upstream's
+    # per-request child survives its parent; or the kernel's retry meets the
+    # restarted daemon) or it fails with ESRCH because the consumer's retry came
+    # while no daemon was listening yet (restart_listening_after).  No hang.
+    inflight = sc["inflight"]
+    assert inflight["rc"] == 0 or "No such process" in inflight["output"], (
+        f"in-flight mount: {inflight}; restart listened after {sc.get('restart_listening_after')}s"
+    )

@@ -168,6 +168,9 @@ def alive(pid: int) -> bool:
     return st != "Z"
 
 
+last_start_seconds: float | None = None  # start_daemon(): time until it listened
+
+
 def start_daemon(kind: str | None = None, wait: float = 60.0) -> int:
     """Start the handshake daemon; return its pid once it listens on netlink."""
     kind = daemon_kind(kind)
@@ -188,7 +191,9 @@ def start_daemon(kind: str | None = None, wait: float = 60.0) -> int:
             raise RuntimeError(f"{kind} daemon exited rc={proc.returncode} at start-up "
                                f"(see daemon-{kind}.log)")  # fmt: skip
         if _listening(proc.pid):
-            log(f"{kind} daemon pid {proc.pid} listening after {time.monotonic() - t0:.1f}s")
+            global last_start_seconds
+            last_start_seconds = round(time.monotonic() - t0, 2)
+            log(f"{kind} daemon pid {proc.pid} listening after {last_start_seconds}s")
             return proc.pid
         time.sleep(0.2)
     raise RuntimeError(f"{kind} daemon pid {proc.pid} not listening on netlink after {wait}s")
@@ -288,12 +293,16 @@ def handshakes(events: list[dict] | None = None, since: str | None = None) -> li
     """
     if events is None:
         events = read_trace_since(since) if since is not None else read_trace()
-    reqs: dict[str, dict] = {}
+    reqs: dict[str, dict] = {}  # req pointer -> its latest record
+    records: list[dict] = []
     for e in events:
         req = e["fields"].get("req")
         if not req or not e["event"].startswith("handshake_") or not req.strip("0"):
             continue  # accept errors carry req=0
-        r = reqs.setdefault(req, {"req": req, "events": []})
+        if e["event"] in ("handshake_submit", "handshake_submit_err") or req not in reqs:
+            reqs[req] = {"req": req, "events": []}  # the kernel reuses freed req pointers
+            records.append(reqs[req])
+        r = reqs[req]
         r["events"].append(e["event"])
         if e["event"] == "handshake_submit":
             r["submit_comm"] = e["comm"]
@@ -304,11 +313,11 @@ def handshakes(events: list[dict] | None = None, since: str | None = None) -> li
             r["t_complete"] = e["ts"]
         elif e["event"] == "handshake_cmd_done":
             r["done_fd"] = e["fields"].get("fd")
-    for r in reqs.values():
+    for r in records:
         if "t_submit" in r and "t_complete" in r:
             r["latency"] = round(r["t_complete"] - r["t_submit"], 3)
-    # requests submitted before the marker are left out
-    return [r for r in reqs.values() if "t_submit" in r]
+    # requests submitted before the marker, and failed submissions, are left out
+    return [r for r in records if "t_submit" in r]
 
 
 def tls_stat() -> dict[str, int]:

@@ -156,8 +156,8 @@ def sc_kill_restart() -> dict:
     out["accept_seen_after"] = round(time.monotonic() - t0, 2)
     out["killed_pid"] = lg.kill_daemon()
     out["killed_at"] = lg.uptime()
-    time.sleep(0.5)
     out["restarted_pid"] = lg.start_daemon()
+    out["restart_listening_after"] = lg.last_start_seconds
     try:
         text, _ = inflight.communicate(timeout=150)
         out["inflight"] = {"rc": inflight.returncode, "output": text.strip(),
