@@ -68,7 +68,10 @@ def test_mtls_export_refuses_client_without_cert(daemon: str, scenario: Scenario
     sc = scenario(daemon, "mtls_export_refuses_tls")
     assert sc["refused"]["rc"] != 0, f"xprtsec=tls client mounted an mtls-only export: {why(sc)}"
     control = sc["control"]
-    assert control["mount"]["rc"] == 0, f"mtls client refused by the mtls export: {control}"
+    assert control["mount"]["rc"] == 0, (
+        f"mtls client refused by the mtls export: {control['mount']}, {control['hs']}\n"
+        f"--- daemon log tail\n{sc['_daemon_log']}"
+    )
     assert control["io"]["read_back_same"], control["io"]
 
 
