@@ -147,3 +147,11 @@ def hoarding_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> H
     """gated_engine that also keeps 48 MiB of touched memory (a leaky worker)."""
     _HOARD.append(bytearray(b"\x01" * (48 << 20)))
     return gated_engine(sock, params, ctx)
+
+
+def verified_client_cert_engine(
+    sock: socket.socket, params: HandshakeParams, ctx: Any
+) -> HandshakeResult:
+    """Reports what the x509 server engine reports for a verified client
+    certificate: UINT_MAX, a peer id that names no key (upstream's sentinel)."""
+    return HandshakeResult(status=0, remote_auth=(0xFFFFFFFF,), cipher="FAKE")
