@@ -342,17 +342,25 @@ class Arbiter:
             self.finish(request, errno.ETIMEDOUT, "no worker became free before the deadline")
 
     def dispatch_queued(self, now: float) -> None:
-        """Hand queued requests, earliest deadline first, to idle workers."""
+        """Hand queued requests to idle workers: first the other half of a
+        connection whose first half has a worker (both ends local), then the
+        earliest deadline.  A half alone only waits for its peer."""
+        if not self.queue:
+            return
         idle = [
             w
             for w in self.pool
             if w.state is WorkerState.IDLE and w.generation == self.generation.number
         ]
         idle.sort(key=lambda w: w.idle_since, reverse=True)  # warmest first
+        if not idle:
+            return
+        in_flight = {w.request.pair_key for w in self.pool if w.request is not None}
         while self.queue and idle:
             worker = idle.pop(0)
-            request = self.queue.pop()
+            request = self.queue.pop_partner(in_flight) or self.queue.pop()
             self.hand_off(worker, request, now)
+            in_flight.add(request.pair_key)
 
     def hand_off(self, worker: WorkerHandle, request: Request, now: float) -> None:
         assert worker.sock is not None

@@ -22,6 +22,7 @@ import time
 from tlshd import ipc
 from tlshd.log import handshake_logger, log
 from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.uapi import MsgType
 
 from .queue import Request
 from .stats import CompletionStats
@@ -73,7 +74,22 @@ def open_request(
         accepted_at=now,
         deadline=now + budget_s,
         log=handshake_logger(req_id, peer),
+        pair_key=pair_key(sock, params),
     )
+
+
+def pair_key(sock: socket.socket, params: HandshakeParams) -> tuple[object, object] | None:
+    """(client address, server address) of the connection; None if unknown.
+
+    Both ends of a connection to this host itself (loopback mounts) get the
+    same key, so the arbiter can give them workers together."""
+    try:
+        local, remote = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    if params.message_type == MsgType.SERVERHELLO:
+        return (remote, local)
+    return (local, remote)
 
 
 def handshake_message(request: Request, now: float) -> dict[str, object]:

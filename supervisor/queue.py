@@ -7,12 +7,19 @@ closes it, exactly once, right after DONE.
 
 Queued requests are served oldest deadline first; an expired one is failed
 rather than handed to a worker that could not finish in time.
+
+A request may carry a `pair_key`: the TCP connection's (client address,
+server address).  When both ends of a connection are local (a loopback NFS
+mount), the client's and the server's requests share it, and neither
+handshake can progress until both have a worker; the arbiter uses
+`pop_partner` to hand the second half out right after the first.
 """
 
 from __future__ import annotations
 
 import heapq
 import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tlshd.log import HandshakeLogAdapter
@@ -35,6 +42,8 @@ class Request:
     # supervisor handed out for this request (psk_search, add_cert).
     known_serials: set[int] = field(default_factory=set)
     completed: bool = False
+    # (client address, server address) of the connection; None if unknown
+    pair_key: tuple[object, object] | None = None
 
     def __post_init__(self) -> None:
         params = self.params
@@ -50,33 +59,66 @@ class Request:
 
 
 class DeadlineQueue:
-    """Requests waiting for an idle worker, earliest deadline first."""
+    """Requests waiting for an idle worker, earliest deadline first.
+
+    A request taken out of the middle (`pop_partner`) stays in the heap as a
+    stale entry until it reaches the top; `_queued` holds the live ones."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Request]] = []
+        self._queued: dict[int, Request] = {}  # req_id -> request
+        self._by_pair: dict[tuple[object, object], Request] = {}
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._queued)
 
     def push(self, request: Request) -> None:
         heapq.heappush(self._heap, (request.deadline, request.req_id, request))
+        self._queued[request.req_id] = request
+        if request.pair_key is not None:
+            self._by_pair[request.pair_key] = request
+
+    def _forget(self, request: Request) -> None:
+        del self._queued[request.req_id]
+        if request.pair_key is not None and self._by_pair.get(request.pair_key) is request:
+            del self._by_pair[request.pair_key]
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap and self._queued.get(heap[0][1]) is not heap[0][2]:
+            heapq.heappop(heap)
 
     def pop(self) -> Request:
-        return heapq.heappop(self._heap)[2]
+        self._drop_stale()
+        request = heapq.heappop(self._heap)[2]
+        self._forget(request)
+        return request
+
+    def pop_partner(self, pair_keys: Iterable[tuple[object, object] | None]) -> Request | None:
+        """A queued request that shares a key in `pair_keys` (earliest deadline), or None."""
+        found = [r for k in pair_keys if k is not None and (r := self._by_pair.get(k))]
+        if not found:
+            return None
+        request = min(found, key=lambda r: (r.deadline, r.req_id))
+        self._forget(request)
+        return request
 
     def next_deadline(self) -> float | None:
+        self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
     def pop_expired(self, now: float) -> list[Request]:
         expired = []
-        while self._heap and self._heap[0][0] <= now:
-            expired.append(heapq.heappop(self._heap)[2])
+        while (deadline := self.next_deadline()) is not None and deadline <= now:
+            expired.append(self.pop())
         return expired
 
     def drain(self) -> list[Request]:
-        requests = [entry[2] for entry in sorted(self._heap)]
+        requests = sorted(self._queued.values(), key=lambda r: (r.deadline, r.req_id))
         self._heap.clear()
+        self._queued.clear()
+        self._by_pair.clear()
         return requests
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return (entry[2] for entry in self._heap)
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._queued.values()))
