@@ -11,6 +11,8 @@ guest venv's Python (it has psutil).  Settings come from the environment:
                                        worker SIGKILLed mid-handshake; 0: none
     BURST_MOUNT_TIMEOUT "240"          seconds one mount may take
     BURST_NFSD_THREADS  "16"
+    BURST_COMPILE       "1"                byte-compile our package first (as pip would)
+    BURST_IMPORTTIME    "1"                save `python -X importtime` of the daemon
 
 For every (round, size, daemon): nfsd is restarted (no transports or client
 state from the previous burst), the daemon is started and left to settle,
@@ -30,6 +32,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -233,12 +237,16 @@ def summarize_requests(events: list[dict], mark: str) -> list[dict]:
             start = i
     events = events[start + 1 :] if start is not None else events
     reqs: dict[str, dict] = {}
+    finished: list[dict] = []
     for e in events:
         req = e["fields"].get("req")
         if not req or not e["event"].startswith("handshake_") or not req.strip("0"):
             continue
-        r = reqs.setdefault(req, {"req": req})
         ev = e["event"]
+        if ev == "handshake_submit" and req in reqs:
+            # the kernel reuses a freed request's address: a new request
+            finished.append(reqs.pop(req))
+        r = reqs.setdefault(req, {"req": req})
         if ev == "handshake_submit":
             r["role"] = "server" if e["comm"].startswith("nfsd") else "client"
             r["t_submit"] = e["ts"]
@@ -254,7 +262,7 @@ def summarize_requests(events: list[dict], mark: str) -> list[dict]:
             r.setdefault("t_cancel", e["ts"])
         elif ev.endswith("_err"):
             r.setdefault("errors", []).append(f"{ev} {e['text']}")
-    out = [r for r in reqs.values() if "t_submit" in r]
+    out = [r for r in [*finished, *reqs.values()] if "t_submit" in r]
     for r in out:
         if "t_complete" in r:
             r["latency"] = round(r["t_complete"] - r["t_submit"], 4)
@@ -424,6 +432,27 @@ def daemon_status() -> dict | None:
         return None
 
 
+IMPORTS = "import tlshd.cli, tlshd.supervisor.arbiter, tlshd.workers.engine, tlshd.workers.base"
+
+
+def import_profile(name: str) -> float:
+    """`python -X importtime` of the daemon's modules -> results/<name>; wall seconds."""
+    t0 = time.monotonic()
+    p = lg.sh([sys.executable, "-X", "importtime", "-c", IMPORTS], check=False, timeout=300)
+    (RESULTS / name).write_text(p.stderr)
+    return round(time.monotonic() - t0, 2)
+
+
+def compile_project() -> float:
+    """Byte-compile our package, as `pip install` does (the lab unpacks the wheel
+    without it and exports PYTHONDONTWRITEBYTECODE, so every daemon start would
+    compile every module from source)."""
+    t0 = time.monotonic()
+    pkg = Path(sysconfig.get_paths()["purelib"]) / "tlshd"
+    lg.sh([sys.executable, "-m", "compileall", "-q", str(pkg)], timeout=600)
+    return round(time.monotonic() - t0, 2)
+
+
 def main() -> int:
     sizes = [int(s) for s in env_list("BURST_SIZES", "8 32 64")]
     daemons = env_list("BURST_DAEMONS", "upstream ours")
@@ -433,6 +462,13 @@ def main() -> int:
     lg.log(f"burst benchmark: sizes {sizes}, daemons {daemons}, rounds {rounds}, "
            f"kill burst {kill_size}; {needed} addresses")  # fmt: skip
     make_pki(needed)
+    startup = {}
+    if os.environ.get("BURST_IMPORTTIME", "1") == "1":
+        startup["import_s_uncompiled"] = import_profile("importtime-uncompiled.txt")
+    if os.environ.get("BURST_COMPILE", "1") == "1":
+        startup["compileall_s"] = compile_project()
+        if os.environ.get("BURST_IMPORTTIME", "1") == "1":
+            startup["import_s_compiled"] = import_profile("importtime-compiled.txt")
     meminfo = Path("/proc/meminfo").read_text()
     lg.write_config(PKI)
     lg.trace_on()
@@ -448,6 +484,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
             "config": lg.CONFIG.read_text(),
+            "startup": startup,
         },
         "bursts": [],
     }
