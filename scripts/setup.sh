@@ -12,6 +12,8 @@ APT_PACKAGES=(
     keyutils libkeyutils1
     # the real-kernel lab (tests/lab)
     qemu-system-x86 debootstrap busybox-static cpio kmod zstd xz-utils
+    # the container image (tests/container) and the unit's security score
+    buildah systemd
 )
 
 missing=()

@@ -120,16 +120,27 @@ build() {
     base=$(choose_base)
     for target in "$@"; do
         log "building $IMAGE:$target (base $base)"
-        "${BUILDAH[@]}" bud --quiet --layers --format docker --network host \
+        "${BUILDAH[@]}" bud --quiet --layers --force-rm --format docker --network host \
             --secret id=pip_cert,src="$(pip_cert)" \
             --build-arg BASE_IMAGE="$base" --target "$target" \
             -t "$IMAGE:$target" -f "$REPO/Dockerfile" "$REPO" >/dev/null
     done
+    # vfs stores every layer as a full copy: drop the untagged ones (the layer
+    # cache of this build and older images) so the storage does not grow
+    "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
 }
 
 # Commands run in one working container per image (vfs copies the whole
 # root for each container, so one is much faster than one per command).
 CTR=
+remove_container() {
+    if [[ -n $CTR ]]; then
+        "${BUILDAH[@]}" rm "$CTR" >/dev/null 2>&1 || true
+        CTR=
+    fi
+}
+trap remove_container EXIT
+
 run_in() {
     "${BUILDAH[@]}" run "$CTR" -- "$@"
 }
@@ -149,7 +160,6 @@ check_image() {
         == "[/opt/tlshd/bin/tlshd]" ]] || die "$image: unexpected entrypoint"
     log "checking $image"
     CTR=$("${BUILDAH[@]}" from --quiet "$image")
-    trap '"${BUILDAH[@]}" rm "$CTR" >/dev/null 2>&1 || true' RETURN
     run_in /opt/tlshd/bin/tlshd -v
     run_in /opt/tlshd/bin/tlshd --check-config
     run_in /opt/tlshd/bin/python -c 'import pwd; pwd.getpwnam("nobody")'
@@ -163,6 +173,7 @@ check_image() {
     else
         run_in /bin/sh -c 'command -v keyctl ps ip openssl modprobe' >/dev/null
     fi
+    remove_container
 }
 
 check() {
