@@ -102,9 +102,10 @@ def _prepare_run_dir(run_dir: Path, script: str, env: Mapping[str, str]) -> None
 
 
 def qemu_command(image: LabImage, run_dir: Path, results: Path, *, memory: int = 8192,
-                 smp: int = 2, share_src: bool = False,
-                 interactive: bool = False) -> list[str]:  # fmt: skip
+                 smp: int = 2, share_src: bool = False, interactive: bool = False,
+                 kernel_args: Iterable[str] = ()) -> list[str]:  # fmt: skip
     append = "console=ttyS0 quiet panic=-1 lab.src=" + ("1" if share_src else "0")
+    append = " ".join([append, *kernel_args])
 
     def share(path: Path, tag: str, ro: bool) -> list[str]:
         opt = f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
@@ -140,6 +141,7 @@ def run_guest(
     smp: int = 2,
     share_src: bool = False,
     install_project: bool = True,
+    kernel_args: Iterable[str] = (),
 ) -> GuestResult:
     """Boot the lab guest once, run ``script`` (sh unless it has a #! line) as root.
 
@@ -149,6 +151,8 @@ def run_guest(
     separately cached root variant).  ``timeout`` bounds the whole boot, in
     seconds; the guest is killed after it.  ``echo`` copies the console to
     stderr.  ``share_src`` also mounts the checkout read-only at /lab/src.
+    ``kernel_args`` are appended to the kernel command line (e.g.
+    ``lab.init=systemd``: boot systemd as PID 1, see guest/systemd-stage2.sh).
     """
     if daemon not in DAEMONS:
         raise ValueError(f"daemon must be one of {DAEMONS}")
@@ -167,7 +171,8 @@ def run_guest(
         genv.update(env or {})
         _prepare_run_dir(run_dir, script, genv)
         cmd = qemu_command(image, run_dir, results, memory=memory, smp=smp,
-                           share_src=share_src, interactive=interactive)  # fmt: skip
+                           share_src=share_src, interactive=interactive,
+                           kernel_args=kernel_args)  # fmt: skip
         t0 = time.monotonic()
         timed_out = False
         if interactive:
