@@ -10,6 +10,10 @@ Order matters (capabilities(7)):
      sets (no SECBIT_KEEP_CAPS); capset() clears the inheritable set too;
   4. PR_SET_NO_NEW_PRIVS, so no setuid binary or file capability can raise
      privilege again.
+Before any of that the worker joins a fresh anonymous session keyring.  Key
+possession follows the keyrings a process holds, not its uid, and fork shares
+the session keyring (keyrings(7)): without this, a worker running as nobody
+could still read every key the supervisor's session keyring links.
 The result is checked in /proc/self/status; a worker that cannot shed its
 privileges refuses to run (PrivilegeError → boot error).
 """
@@ -104,6 +108,12 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+def leave_session_keyring() -> None:
+    from tlshd.keyring import join_session_keyring
+
+    join_session_keyring(None)
+
+
 def switch_user(user: str) -> None:
     try:
         entry = pwd.getpwnam(user)
@@ -143,6 +153,7 @@ def drop_privileges(user: str, enabled: bool = True) -> None:
     nothing to drop) only NO_NEW_PRIVS is set.  Raises PrivilegeError or
     OSError; the caller treats either as a boot failure."""
     if enabled and os.geteuid() == 0:
+        leave_session_keyring()
         clear_bounding_set()
         clear_ambient_set()
         switch_user(user)

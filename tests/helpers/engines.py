@@ -155,3 +155,17 @@ def verified_client_cert_engine(
     """Reports what the x509 server engine reports for a verified client
     certificate: UINT_MAX, a peer id that names no key (upstream's sentinel)."""
     return HandshakeResult(status=0, remote_auth=(0xFFFFFFFF,), cipher="FAKE")
+
+
+def key_reading_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Tries to read the key whose serial is in `params.peername` straight from
+    the kernel (not through the supervisor) and tells the peer `READ!` or `DENY!`."""
+    from tlshd.keyring import KeyringError, read_key
+
+    try:
+        read_key(int(params.peername or "0"))
+        answer = b"READ!"
+    except KeyringError:
+        answer = b"DENY!"
+    sock.sendall(answer)
+    return HandshakeResult(status=0, cipher="FAKE")
