@@ -80,6 +80,7 @@ ACCEPT_SWEEP_INTERVAL_S = 2.0  # recovers requests whose READY was lost
 # (DONE at once) and hand-offs are served between slices rather than after the
 # whole burst; a full slice makes the next pass accept again without waiting.
 MAX_ACCEPTS_PER_PASS = 8
+MAX_SPAWNS_PER_PASS = 2
 MAX_MESSAGES_PER_WAKEUP = 32  # per worker, so one chatty worker cannot starve the loop
 # A consumer that sends TIMEOUT runs its own timer of that length; finish
 # inside it, since a DONE after its cancel is silently dropped.
@@ -171,6 +172,7 @@ class Arbiter:
         self.ready_sent = False
         self.boot_deaths = 0
         self._last_worker_count = -1
+        self.spawn_backlog = False  # more workers wanted than forked this pass
 
     @property
     def config(self) -> Config:
@@ -251,6 +253,8 @@ class Arbiter:
         wakeups += [w.request.deadline for w in self.pool if w.request is not None]
         if self.grace_deadline is not None:
             wakeups.append(self.grace_deadline)
+        if self.spawn_backlog:
+            return 0.0
         return max(0.0, min(wakeups) - now)
 
     # --- signals --------------------------------------------------------------
@@ -596,6 +600,7 @@ class Arbiter:
     def manage_workers(self) -> None:
         """Keep min_workers idle, grow for queued requests, retire old and surplus."""
         if self.stopping:
+            self.spawn_backlog = False
             return
         now = time.monotonic()
         self.retire_old_generations()
@@ -645,8 +650,13 @@ class Arbiter:
         ready_soon = self.pool.count(WorkerState.IDLE, WorkerState.BOOTING, generation=current)
         live = self.pool.count(WorkerState.IDLE, WorkerState.BOOTING, WorkerState.BUSY)
         wanted = max(pool_config.min_workers, len(self.queue)) - ready_soon
-        for _ in range(max(0, min(wanted, pool_config.max_workers - live))):
+        needed = max(0, min(wanted, pool_config.max_workers - live))
+        # A fork of the supervisor is slow (page tables; ~0.1-0.2 s under
+        # emulation): fork a few per pass, so ACCEPTs, hand-offs and DONEs
+        # go on between forks while the pool grows.
+        for _ in range(min(needed, MAX_SPAWNS_PER_PASS)):
             self.spawn_worker()
+        self.spawn_backlog = needed > MAX_SPAWNS_PER_PASS
 
     def retire_surplus_workers(self, now: float) -> None:
         if self.queue:
