@@ -400,6 +400,11 @@ class Arbiter:
                 return
             if message is None:
                 if _hung_up(worker.sock):
+                    # Usually it died; but one that closed its channel and lives
+                    # on is beyond supervision and may still hold a consumer's
+                    # socket.  Not reaped yet, so its pid cannot have been reused.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
                     self.worker_lost(worker, "closed its channel")
                 else:  # a zero-length datagram reads like EOF, but the worker is alive
                     self.reject_worker(worker, "an empty datagram")

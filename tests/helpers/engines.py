@@ -169,3 +169,12 @@ def key_reading_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -
         answer = b"DENY!"
     sock.sendall(answer)
     return HandshakeResult(status=0, cipher="FAKE")
+
+
+def channel_closing_engine(
+    sock: socket.socket, params: HandshakeParams, ctx: Any
+) -> HandshakeResult:
+    """Closes the worker's channel to the supervisor and lives on, holding the socket."""
+    ctx.keys._channel.close()
+    time.sleep(60)
+    return HandshakeResult(status=0)
