@@ -57,7 +57,7 @@ def demo(daemon: str) -> int:
     out = Path(f"/tmp/tlshd-lab-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     log(f"demo: booting the lab with {daemon} tlshd (results in {out})")
     res = run_guest(
-        "#!/bin/sh\nexec python3 /lab/run/nfs_scenarios.py tls_mount mtls_mount\n",
+        "#!/bin/sh\nexec python3 /lab/run/nfs_scenarios.py tls_mount mtls_mount status_report\n",
         daemon=daemon,
         timeout=900,
         results_dir=out,
@@ -97,6 +97,9 @@ def demo(daemon: str) -> int:
     print(f"\n--- {daemon} daemon log (handshake outcomes):")
     for ln in _daemon_lines(res.text(f"daemon-{daemon}.log")):
         print("    " + ln)
+    status = res.scenario("status_report") or {}
+    if status.get("text"):
+        print(f"\n--- tlshd status (after the mounts):\n{status['text'].rstrip()}")
     print(f"\nresults, dmesg, trace, daemon log: {out}")
     print("DEMO " + ("PASSED" if ok else "FAILED"))
     return 0 if ok else 1

@@ -100,3 +100,16 @@ def test_daemon_sigkill_and_restart(daemon: str, scenario: Scenario) -> None:
     assert inflight["rc"] == 0 or "No such process" in inflight["output"], (
         f"in-flight mount: {inflight}; restart listened after {sc.get('restart_listening_after')}s"
     )
+
+
+def test_status_command_reports_the_handshakes(scenario: Scenario) -> None:
+    sc = scenario("ours", "status_report")
+    assert sc["ok"], why(sc, "text_rc", "json_rc", "json_error")
+    doc = sc["json"]
+    # the scenario runs after kill_restart, whose later mount makes a client and
+    # a server handshake through the restarted daemon
+    assert doc["counters"].get("0", 0) >= 2, doc["counters"]
+    assert doc["latency_ms"]["count"] >= 2, doc["latency_ms"]
+    assert doc["workers"], doc
+    assert f"tlshd pid {doc['pid']}" in sc["text"], sc["text"]
+    assert "handshake results:" in sc["text"], sc["text"]

@@ -11,6 +11,7 @@ the TLS transport of an earlier mount (each mount ⇒ new client+server handshak
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -174,12 +175,32 @@ def sc_kill_restart() -> dict:
     return out
 
 
+def sc_status_report() -> dict:
+    """`tlshd status` from the running daemon, after the mounts (ours only)."""
+    if lg.daemon_kind() != "ours":
+        return {"ok": True, "skipped": "upstream tlshd has no status command"}
+    tlshd = lg.OURS[0]
+    text = subprocess.run([tlshd, "status", "-c", str(lg.CONFIG)], capture_output=True, text=True)
+    raw = subprocess.run(
+        [tlshd, "status", "--json", "-c", str(lg.CONFIG)], capture_output=True, text=True
+    )
+    (lg.RESULTS / "status.txt").write_text(text.stdout + text.stderr)
+    out = {"text_rc": text.returncode, "text": text.stdout, "json_rc": raw.returncode}
+    try:
+        out["json"] = json.loads(raw.stdout)
+    except ValueError as e:
+        out["json_error"] = f"{e}: {raw.stdout[:500]} {raw.stderr[:500]}"
+    out["ok"] = text.returncode == 0 and raw.returncode == 0 and "json" in out
+    return out
+
+
 SCENARIOS = {
     "tls_mount": sc_tls_mount,
     "mtls_mount": sc_mtls_mount,
     "mtls_export_refuses_tls": sc_mtls_export_refuses_tls,
     "wrong_server_name": sc_wrong_server_name,
     "kill_restart": sc_kill_restart,
+    "status_report": sc_status_report,
 }
 
 
