@@ -99,6 +99,8 @@ def test_unit_under_test_is_the_repositorys(step: Step) -> None:
     assert "/etc/systemd/system/tlshd.service.d/lab.conf" in props["DropInPaths"], props
     assert "/opt/tlshd/bin/tlshd" in props["ExecStart"], props
     assert props["Type"] == "notify" and props["NotifyAccess"] == "main", props
+    # systemd 257 loads it without complaint (man pages are not in the guest)
+    assert setup["verify"].startswith("rc=0 "), setup["verify"]
 
 
 def test_security_score(step: Step) -> None:
@@ -175,7 +177,7 @@ def test_watchdog(step: Step) -> None:
         f"\n[systemd] WatchdogSec=3s: {wd['pings']} WATCHDOG=1 in {wd['watched_s']}s; "
         f"SIGSTOPped supervisor replaced after {wd['control_s']}s"
     )
-    assert wd["restart"]["rc"] == 0, show(wd, "restart")
+    assert wd["restart"] is None or wd["restart"]["rc"] == 0, show(wd, "restart")
     assert wd["after"]["WatchdogUSec"] == "3s", show(wd, "after")
     assert wd["before"]["MainPID"] == wd["after"]["MainPID"], show(wd, "before", "after")
     assert wd["before"]["NRestarts"] == wd["after"]["NRestarts"], show(wd, "before", "after")

@@ -27,7 +27,11 @@ if [ "$1" != run ]; then
              sys-kernel-config.mount sys-fs-fuse-connections.mount dev-hugepages.mount \
              systemd-networkd.service systemd-networkd.socket \
              nvmf-autoconnect.service nvmefc-boot-connections.service \
-             getty.target serial-getty@ttyS0.service; do
+             getty.target serial-getty@ttyS0.service \
+             sys-kernel-debug.mount dev-mqueue.mount kmod-static-nodes.service \
+             systemd-tmpfiles-setup-dev-early.service systemd-tmpfiles-setup-dev.service \
+             systemd-modules-load.service systemd-sysctl.service systemd-remount-fs.service \
+             systemd-journal-flush.service; do
         ln -sf /dev/null "$E/$u"
     done
     mkdir -p /etc/systemd/journald.conf.d /etc/systemd/system.conf.d "$E/poweroff.target.d"
