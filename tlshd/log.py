@@ -59,7 +59,9 @@ def set_debug(debug: bool) -> None:
 class HandshakeLogAdapter(logging.LoggerAdapter):
     """Prefixes each message with `req=<id> peer=<peer>`."""
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
         return f"req={extra.get('req')} peer={extra.get('peer')}: {msg}", kwargs
 
