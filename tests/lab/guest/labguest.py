@@ -423,3 +423,33 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def run_scenarios(
+    scenarios: dict, names: list[str], kind: str, prefix: str = "", label: str = "scenario"
+) -> int:
+    """Run `names` (default: all) of `scenarios` in order, one JSON result each
+    (`<prefix><name>.json`); restart the daemon after any scenario that left it
+    dead, so later scenarios still meet a live daemon.  Returns the failures."""
+    import traceback
+
+    failed = 0
+    for name in names or list(scenarios):
+        log(f"=== {label} {name} ({kind})")
+        t1 = time.monotonic()
+        try:
+            res = scenarios[name]()
+        except Exception as e:
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()}  # fmt: skip
+        res.update(name=name, daemon=kind, seconds=round(time.monotonic() - t1, 2))
+        res["daemon_alive"] = daemon_pid() is not None
+        if not res["daemon_alive"]:
+            try:
+                res["daemon_restarted_pid"] = start_daemon(kind)
+            except Exception as e:
+                res["daemon_restart_error"] = str(e)
+        write_result(f"{prefix}{name}", res)
+        log(f"=== {label} {name}: {'ok' if res['ok'] else 'FAILED'} in {res['seconds']}s")
+        failed += not res["ok"]
+    return failed

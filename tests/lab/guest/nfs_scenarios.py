@@ -224,25 +224,7 @@ def main(names: list[str]) -> int:
     if not setup["ok"]:
         lg.log(f"setup failed: {setup['error']}")
         return 1
-    failed = 0
-    for name in names or list(SCENARIOS):
-        lg.log(f"=== scenario {name} ({kind})")
-        t1 = time.monotonic()
-        try:
-            res = SCENARIOS[name]()
-        except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc()}  # fmt: skip
-        res.update(name=name, daemon=kind, seconds=round(time.monotonic() - t1, 2))
-        res["daemon_alive"] = lg.daemon_pid() is not None
-        if not res["daemon_alive"]:  # let later scenarios run against a live daemon
-            try:
-                res["daemon_restarted_pid"] = lg.start_daemon(kind)
-            except Exception as e:
-                res["daemon_restart_error"] = str(e)
-        lg.write_result(name, res)
-        lg.log(f"=== scenario {name}: {'ok' if res['ok'] else 'FAILED'} in {res['seconds']}s")
-        failed += not res["ok"]
+    failed = lg.run_scenarios(SCENARIOS, names, kind)
     lg.stop_daemon()
     lg.log(f"all scenarios done in {time.monotonic() - t0:.1f}s, {failed} failed")
     return 1 if failed else 0
