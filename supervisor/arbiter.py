@@ -81,6 +81,7 @@ ACCEPT_SWEEP_INTERVAL_S = 2.0  # recovers requests whose READY was lost
 # whole burst; a full slice makes the next pass accept again without waiting.
 MAX_ACCEPTS_PER_PASS = 8
 MAX_SPAWNS_PER_PASS = 2
+SUPERVISOR_NICE = -5
 MAX_MESSAGES_PER_WAKEUP = 32  # per worker, so one chatty worker cannot starve the loop
 # A consumer that sends TIMEOUT runs its own timer of that length; finish
 # inside it, since a DONE after its cancel is silently dropped.
@@ -205,6 +206,11 @@ class Arbiter:
 
     def start(self) -> None:
         setproctitle("tlshd: supervisor")
+        # The supervisor's ACCEPTs and DONEs run against the consumers' timers
+        # and cost little CPU: let it win the CPU over the handshakes (workers
+        # go back to 0 after fork).  Unprivileged: keep the inherited value.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, SUPERVISOR_NICE)
         try:
             self.netlink.open()
         except HandshakeFamilyMissing:

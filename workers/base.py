@@ -74,6 +74,10 @@ class Worker:
         self.close_inherited_fds()
         self.init_signals()
         setproctitle("tlshd: worker idle")
+        # Back to normal priority from the supervisor's (raising the nice
+        # value needs no privilege).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
         config = self.generation.config
         try:
             drop_privileges(config.worker.user, config.worker.drop_privileges)
