@@ -59,7 +59,8 @@ def test_reload_new_generation_in_flight_finishes_on_old(kernel: FakeKernel, sig
     with running_daemon(kernel, gated_engine, config=text, directory=directory) as daemon:
         old = Peer(kernel)
         doc = daemon.wait_for(lambda d: d["in_flight"] == 1, what="one in flight")
-        old_worker = doc["workers"][0]["pid"]
+        # the busy one: the pool may already have forked an idle spare beside it
+        (old_worker,) = (w["pid"] for w in doc["workers"] if w["state"] == "busy")
         daemon.config_path.write_text(config_text(status, timeout_ms=31000))
         daemon.signal(signum)
         daemon.wait_for(lambda d: d["generation"] == 2, what="generation 2")
