@@ -31,6 +31,23 @@ def idle_worker(daemon) -> int:  # type: ignore[no-untyped-def]
     return next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
 
 
+def process_title(pid: int) -> str:
+    """The title setproctitle wrote: /proc/PID/cmdline up to the NUL padding.
+    (psutil's cmdline() guesses separators and may split the title at spaces.)"""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0", 1)[0].decode()
+
+
+def wait_for_title(pid: int, prefix: str, suffix: str = "", timeout: float = 10) -> str:
+    """A worker retitles itself after the supervisor has counted it busy or idle."""
+    end = time.monotonic() + timeout
+    while True:
+        title = process_title(pid)
+        if (title.startswith(prefix) and title.endswith(suffix)) or time.monotonic() > end:
+            return title
+        time.sleep(0.02)
+
+
 def socket_fds(pid: int) -> list[str]:
     links = []
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -72,7 +89,7 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
     directory = short_tmpdir()
     text = config_text(directory / "status.sock", min_workers=2, timeout_ms=30000)
     with running_daemon(kernel, gated_engine, config=text, directory=directory) as daemon:
-        assert psutil.Process(daemon.pid).cmdline()[0].startswith("tlshd: supervisor")
+        assert process_title(daemon.pid).startswith("tlshd: supervisor")
         # Two requests in flight: each worker holds exactly its channel and its own socket.
         peers = [Peer(kernel), Peer(kernel)]
         doc = daemon.wait_for(lambda d: d["in_flight"] == 2, what="two in flight")
@@ -81,7 +98,7 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
             if worker["state"] != "busy":
                 continue
             assert len(socket_fds(worker["pid"])) == 2, socket_fds(worker["pid"])
-            title = psutil.Process(worker["pid"]).cmdline()[0]
+            title = wait_for_title(worker["pid"], "tlshd: worker 127.0.0.1:", "clienthello")
             assert title.startswith("tlshd: worker 127.0.0.1:"), title
             assert title.endswith("clienthello"), title
         # A worker forked while two accepted sockets are open inherits neither.
@@ -90,7 +107,7 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
         )
         spare = next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
         assert len(socket_fds(spare)) == 1, socket_fds(spare)
-        assert psutil.Process(spare).cmdline()[0].startswith("tlshd: worker idle")
+        assert wait_for_title(spare, "tlshd: worker idle").startswith("tlshd: worker idle")
         for peer in peers:
             peer.release()
             assert peer.request.wait_done(10)[0] == 0
