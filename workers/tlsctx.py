@@ -156,7 +156,7 @@ def use_der_credentials(ctx: SSL.Context, cert_der: bytes, key_der: bytes) -> No
         cert = x509.load_der_x509_certificate(cert_der)
         key = load_der_private_key(key_der, password=None)
     except (ValueError, TypeError) as err:
-        raise CredentialError(f"cannot parse certificate or private key key: {err}") from err
+        raise CredentialError(f"cannot parse certificate or private key: {err}") from err
     _use_credentials(ctx, [cert], key)
 
 
