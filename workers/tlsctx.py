@@ -2,12 +2,16 @@
 
 A context is built for every handshake.  That costs well under a millisecond
 and lets each callback close over the one `TlsState` it feeds, so nothing about
-a handshake lives in module globals (a pre-forked worker serves many).
+a handshake lives in module globals (a pre-forked worker serves many).  What is
+costly is parsing the configured PEM material (loading an RSA key validates it,
+tens of milliseconds), so the parsed objects, never contexts, are cached per
+PEM bytes: a worker parses its generation's credentials once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,12 +146,20 @@ def install_servername_callback(
 
 def use_pem_credentials(ctx: SSL.Context, chain_pem: bytes, key_pem: bytes) -> None:
     """Leaf first, then intermediates; raises CredentialError."""
+    certs, key = _parse_pem_credentials(chain_pem, key_pem)
+    _use_credentials(ctx, certs, key)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_pem_credentials(
+    chain_pem: bytes, key_pem: bytes
+) -> tuple[tuple[x509.Certificate, ...], Any]:
     try:
         certs = x509.load_pem_x509_certificates(chain_pem)
         key = load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as err:
         raise CredentialError(f"cannot parse certificate or private key: {err}") from err
-    _use_credentials(ctx, certs, key)
+    return tuple(certs), key
 
 
 def use_der_credentials(ctx: SSL.Context, cert_der: bytes, key_der: bytes) -> None:
@@ -160,7 +172,7 @@ def use_der_credentials(ctx: SSL.Context, cert_der: bytes, key_der: bytes) -> No
     _use_credentials(ctx, [cert], key)
 
 
-def _use_credentials(ctx: SSL.Context, certs: list[x509.Certificate], key: Any) -> None:
+def _use_credentials(ctx: SSL.Context, certs: Sequence[x509.Certificate], key: Any) -> None:
     if not certs:
         raise CredentialError("no certificate in the certificate file")
     try:
@@ -187,19 +199,25 @@ def configure_trust(ctx: SSL.Context, creds: RoleCredentials) -> None:
     if creds.truststore_pem is None:
         ctx.set_default_verify_paths()
     else:
-        try:
-            anchors = x509.load_pem_x509_certificates(creds.truststore_pem)
-        except ValueError as err:
-            raise CredentialError(f"cannot parse the truststore: {err}") from err
-        for anchor in anchors:
-            store.add_cert(crypto.X509.from_cryptography(anchor))
+        for anchor in _trust_anchors(creds.truststore_pem):
+            store.add_cert(anchor)
     if creds.crl_pem is not None:
         for crl in _load_crls(creds.crl_pem):
             store.add_crl(crl)
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
 
 
-def _load_crls(pem: bytes) -> list[x509.CertificateRevocationList]:
+@functools.lru_cache(maxsize=4)
+def _trust_anchors(pem: bytes) -> tuple[crypto.X509, ...]:
+    try:
+        anchors = x509.load_pem_x509_certificates(pem)
+    except ValueError as err:
+        raise CredentialError(f"cannot parse the truststore: {err}") from err
+    return tuple(crypto.X509.from_cryptography(anchor) for anchor in anchors)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_crls(pem: bytes) -> tuple[x509.CertificateRevocationList, ...]:
     marker = b"-----BEGIN X509 CRL-----"
     blocks = [marker + chunk for chunk in pem.split(marker)[1:]]
     try:
@@ -208,7 +226,7 @@ def _load_crls(pem: bytes) -> list[x509.CertificateRevocationList]:
         raise CredentialError(f"cannot parse the CRL: {err}") from err
     if not crls:
         raise CredentialError("CRL file holds no CRL")
-    return crls
+    return tuple(crls)
 
 
 def verify_error_string(code: int) -> str:
