@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from tlshd.config import keyring_serial
+
 # keyctl(2) operations (include/uapi/linux/keyctl.h).
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
@@ -385,16 +387,10 @@ def find_keyring_by_name(name: str, proc_keys: str = PROC_KEYS) -> int | None:
     return None
 
 
-_SERIAL_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]+|[0-9]+)$")
-
-
 def parse_serial(spec: str) -> int | None:
     """A decimal or 0x-hex serial, or None if `spec` is not one."""
-    spec = spec.strip()
-    if not _SERIAL_RE.match(spec):
-        return None
-    value = int(spec, 0) if spec.lower().startswith("0x") else int(spec, 10)
-    return value if 0 < value < 2**31 else None
+    value = keyring_serial(spec)
+    return value if value is not None and 0 < value < 2**31 else None
 
 
 def resolve_keyring(spec: str) -> int | None:
