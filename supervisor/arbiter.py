@@ -408,9 +408,11 @@ class Arbiter:
                 if _hung_up(worker.sock):
                     # Usually it died; but one that closed its channel and lives
                     # on is beyond supervision and may still hold a consumer's
-                    # socket.  Not reaped yet, so its pid cannot have been reused.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGKILL)
+                    # socket.  Not reaped yet (exit_status None), so its pid
+                    # cannot have been reused.
+                    if worker.exit_status is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(worker.pid, signal.SIGKILL)
                     self.worker_lost(worker, "closed its channel")
                 else:  # a zero-length datagram reads like EOF, but the worker is alive
                     self.reject_worker(worker, "an empty datagram")
@@ -546,6 +548,11 @@ class Arbiter:
 
     def reap_workers(self) -> None:
         for worker in self.pool.reap():
+            if worker.sock is not None:
+                # A worker may send its `result` and exit (SIGTERM during a
+                # stop) after this pass's select(): read what it queued before
+                # calling it lost, or a finished handshake would get DONE(EIO).
+                self._on_worker_readable(worker)
             if worker.sock is not None:
                 self.worker_lost(worker, "exited")
             assert worker.exit_status is not None
