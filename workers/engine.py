@@ -187,13 +187,9 @@ def _prepare_server_x509(req: _Request) -> None:
     context = tlsctx.new_context(req.state)
     try:
         _use_local_certificate(req, context, creds, "server")
-    except tlsctx.CredentialError as err:
-        # upstream 1.4.0 tells the client why instead of just dropping it
-        _send_plaintext_alert(req, ALERT_ACCESS_DENIED)
-        raise HandshakeFailure(errno.EIO, str(err)) from err
-    try:
         tlsctx.configure_trust(context, creds)
     except tlsctx.CredentialError as err:
+        # upstream 1.4.0 tells the client why instead of just dropping it
         _send_plaintext_alert(req, ALERT_ACCESS_DENIED)
         raise HandshakeFailure(errno.EIO, str(err)) from err
     tlsctx.set_verify_server_role(context, req.state)
