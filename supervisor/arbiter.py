@@ -250,6 +250,8 @@ class Arbiter:
         self.update_notify(now)
 
     def next_timeout(self) -> float:
+        if self.spawn_backlog:
+            return 0.0
         now = time.monotonic()
         wakeups = [now + LOOP_MAX_WAIT_S, now + self.notifier.next_wakeup(now)]
         if self.accepting:
@@ -259,8 +261,6 @@ class Arbiter:
         wakeups += [w.request.deadline for w in self.pool if w.request is not None]
         if self.grace_deadline is not None:
             wakeups.append(self.grace_deadline)
-        if self.spawn_backlog:
-            return 0.0
         return max(0.0, min(wakeups) - now)
 
     # --- signals --------------------------------------------------------------
