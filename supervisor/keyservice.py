@@ -174,12 +174,8 @@ class SupervisorKeyService:
         """Serial of keyring `name` now; a cached serial is re-checked first."""
         cached = self._resolved.get(name)
         if cached is not None:
-            try:
-                desc = kr.describe_key(cached)
-                if desc.type == "keyring" and desc.description == name:
-                    return cached
-            except kr.KeyringError:
-                pass
+            if kr.is_keyring_named(cached, name):
+                return cached
             del self._resolved[name]
             self._linked.discard(cached)
         try:

@@ -362,7 +362,8 @@ def iter_proc_keys(path: str = PROC_KEYS) -> Iterator[ProcKey]:
             yield parsed
 
 
-def _is_keyring_named(serial: int, name: str) -> bool:
+def is_keyring_named(serial: int, name: str) -> bool:
+    """Whether key `serial` is (still) a keyring called `name`."""
     try:
         desc = describe_key(serial)
     except KeyringError:
@@ -378,11 +379,7 @@ def find_keyring_by_name(name: str, proc_keys: str = PROC_KEYS) -> int | None:
     name, the first listed (lowest serial) wins.
     """
     for key in iter_proc_keys(proc_keys):
-        if (
-            key.type == "keyring"
-            and key.description == name
-            and _is_keyring_named(key.serial, name)
-        ):
+        if key.type == "keyring" and key.description == name and is_keyring_named(key.serial, name):
             return key.serial
     return None
 
