@@ -386,7 +386,6 @@ class Arbiter:
         worker.state = WorkerState.BUSY
         worker.request = request
         worker.phase = "handoff"
-        request.generation = worker.generation
 
     # --- worker messages ---------------------------------------------------------
 

@@ -37,7 +37,6 @@ class Request:
     deadline: float  # time.monotonic()
     log: HandshakeLogAdapter
     worker_pid: int | None = None
-    generation: int | None = None
     # Key serials the worker may name: those in ACCEPT plus any the
     # supervisor handed out for this request (psk_search, add_cert).
     known_serials: set[int] = field(default_factory=set)
