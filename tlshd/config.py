@@ -208,12 +208,11 @@ _FALSE = {"false", "0"}
 
 
 class _Reader:
-    """Typed access to a parsed key file; remembers which keys were consumed."""
+    """Typed access to a parsed key file."""
 
     def __init__(self, path: str, groups: dict[str, dict[str, RawValue]]) -> None:
         self.path = path
         self.groups = groups
-        self.used: set[tuple[str, str]] = set()
 
     def where(self, section: str, key: str) -> str:
         raw = self.groups.get(section, {}).get(key)
@@ -222,11 +221,9 @@ class _Reader:
 
     def raw(self, section: str, key: str) -> RawValue | None:
         value = self.groups.get(section, {}).get(key)
-        if value is not None:
-            self.used.add((section, key))
-            if "\0" in value.text:
-                # No path, user or keyring name can hold one (open() would raise ValueError).
-                raise ConfigError(f"{self.where(section, key)}: value contains a NUL byte")
+        if value is not None and "\0" in value.text:
+            # No path, user or keyring name can hold one (open() would raise ValueError).
+            raise ConfigError(f"{self.where(section, key)}: value contains a NUL byte")
         return value
 
     def has(self, section: str, key: str) -> bool:
