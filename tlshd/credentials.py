@@ -173,8 +173,8 @@ def _reject_url(value: str, label: str) -> None:
         )
 
 
-def _pem(certs: list[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+def _pem(objects: list[x509.Certificate] | list[x509.CertificateRevocationList]) -> bytes:
+    return b"".join(o.public_bytes(serialization.Encoding.PEM) for o in objects)
 
 
 def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
@@ -205,7 +205,7 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
     if rc.crl:
         label = key_label(role, "x509.crl")
         crls = parse_crls(read_file(rc.crl, label), rc.crl, label)
-        crl_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls)
+        crl_pem = _pem(crls)
     return RoleCredentials(chain_pem, key_pem, trust_pem, crl_pem)
 
 
