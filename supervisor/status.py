@@ -8,7 +8,7 @@ or stuck client never stalls the supervisor's loop.
 Ownership: `StatusServer` owns the listener, the socket file and every client
 socket; it registers them in the supervisor's selector itself (the selector
 key's data is a callable to run when the fd is ready) and unregisters them
-before closing.  Forked workers close all of them via `fds()`.
+before closing.  Forked workers drop their copies with `close_in_child`.
 """
 
 from __future__ import annotations
@@ -61,12 +61,6 @@ class StatusServer:
             return False
         self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
         return True
-
-    def fds(self) -> list[int]:
-        fds = [client.sock.fileno() for client in self._clients.values()]
-        if self._listener is not None:
-            fds.append(self._listener.fileno())
-        return fds
 
     def _on_accept(self, _events: int) -> None:
         assert self._listener is not None
