@@ -17,14 +17,6 @@ import signal
 from collections import deque
 from types import FrameType
 
-HANDLED_SIGNALS = (
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGCHLD,
-)
-
 SIGNAL_NAMES = {
     signal.SIGHUP: "hup",
     signal.SIGUSR1: "usr1",
@@ -32,6 +24,7 @@ SIGNAL_NAMES = {
     signal.SIGTERM: "term",
     signal.SIGCHLD: "chld",
 }
+HANDLED_SIGNALS = tuple(SIGNAL_NAMES)
 
 
 class SignalQueue:
