@@ -207,11 +207,5 @@ class HandshakeJob:
             ipc.send_message(self.channel, message)
         except ipc.IpcError:
             # Too large to send (an oversized `extra`): the status still matters.
-            slim = HandshakeResult(
-                result.status,
-                result.remote_auth,
-                result.cipher,
-                result.detail[: ipc.MAX_DETAIL_LEN],
-            )
-            message["result"] = slim.to_wire()
+            message["result"] = dataclasses.replace(result, extra={}).to_wire()
             ipc.send_message(self.channel, message)
