@@ -297,9 +297,10 @@ def decode_accept_attrs(attrs: bytes) -> HandshakeParams:
     try:
         for attr_type, value in iter_attrs(attrs):
             if attr_type == AcceptAttr.SOCKFD:
-                sockfd = _int_attr(value, _S32, "SOCKFD")
-                if sockfd < 0:
-                    raise NetlinkDecodeError(f"negative SOCKFD {sockfd}")
+                fd = _int_attr(value, _S32, "SOCKFD")
+                if fd < 0:
+                    raise NetlinkDecodeError(f"negative SOCKFD {fd}")
+                sockfd = fd
             elif attr_type == AcceptAttr.MESSAGE_TYPE:
                 fields["message_type"] = _int_attr(value, _U32, "MESSAGE_TYPE")
             elif attr_type == AcceptAttr.TIMEOUT:
