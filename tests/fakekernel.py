@@ -405,7 +405,7 @@ class FakeKernel:
     @property
     def listeners(self) -> int:
         with self._lock:
-            return sum(client.joined for client in self._clients)
+            return self._joined_count()
 
     def wait_for_listener(self, timeout: float, count: int = 1) -> None:
         with self._joined:
@@ -517,12 +517,10 @@ class FakeKernel:
         if not data:
             self._drop(client)
             return
-        ok = (
-            data.startswith(_JOIN)
-            and len(data) == len(_JOIN) + 4
-            and struct.unpack_from("=I", data, len(_JOIN))[0] in self.group_ids.values()
-        )
-        group = struct.unpack_from("=I", data, len(_JOIN))[0] if ok else None
+        group = None
+        if data.startswith(_JOIN) and len(data) == len(_JOIN) + 4:
+            group = struct.unpack_from("=I", data, len(_JOIN))[0]
+        ok = group in self.group_ids.values()
         with self._joined:
             if group == self.group_ids[HANDSHAKE_MCGRP_TLSHD]:
                 client.joined = True
