@@ -328,6 +328,7 @@ class FakeKernel:
         self.accepts = 0
         self.eagain = 0
         self.dones = 0
+        self.completion_order: list[FakeRequest] = []  # first DONE of each request, in order
         self.done_errors = 0
         self.requests: list[FakeRequest] = []
         self._pending: deque[FakeRequest] = deque()
@@ -709,6 +710,7 @@ class FakeKernel:
                 self._pending.remove(request)
             request.status = status
             request.remote_auth = tuple(remote_auth)
+            self.completion_order.append(request)
             self._release(request)
         request.completed.set()
 

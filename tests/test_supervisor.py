@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import threading
 import time
 
 import psutil
@@ -69,24 +68,17 @@ def test_pool_grows_to_max_and_serves_queue_in_deadline_order(kernel: FakeKernel
         queued = {timeout: Peer(kernel, timeout_ms=timeout) for timeout in (25000, 15000, 20000)}
         doc = daemon.wait_for(lambda d: d["queued"] == 3, what="three queued")
         assert len(doc["workers"]) == 2  # never beyond max_workers
-        order: list[int] = []
-
-        def watch(timeout: int, peer: Peer) -> None:
-            peer.request.wait_accepted(30)
-            peer.release()
-            peer.request.wait_done(30)
-            order.append(timeout)
-
-        threads = [
-            threading.Thread(target=watch, args=item, daemon=True) for item in queued.items()
-        ]
-        for thread in threads:
-            thread.start()
         # One worker frees up; the other stays held, so the queue drains
-        # through one worker, one request at a time.
+        # through one worker, one request at a time.  The peers answer at once;
+        # the order is the fake kernel's order of DONEs (threads waking up in
+        # the test could report it in any order).
+        for peer in queued.values():
+            peer.client.sendall(b"g")
         holders[0].release()
-        for thread in threads:
-            thread.join(30)
+        for peer in queued.values():
+            peer.request.wait_done(30)
+        by_request = {id(peer.request): timeout for timeout, peer in queued.items()}
+        order = [by_request[id(r)] for r in kernel.completion_order if id(r) in by_request]
         assert order == [15000, 20000, 25000]
         holders[1].release()
         for peer in [*holders, *queued.values()]:
