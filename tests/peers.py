@@ -303,10 +303,8 @@ def openssl_server(args: list[str], log_path: Path, host: str = "127.0.0.1") -> 
 
 
 @contextlib.contextmanager
-def openssl_client(args: list[str], log_path: Path, listener: socket.socket) -> Iterator[Peer]:
-    """`openssl s_client` connecting to our loopback `listener`; `.sock` is our side."""
-    host, port = listener.getsockname()[:2]
-    peer = _start(["openssl", "s_client", "-connect", f"{host}:{port}", *args], log_path)
+def _accepted(peer: Peer, listener: socket.socket) -> Iterator[Peer]:
+    """Accept the client `peer` started on `listener` into `.sock`; stop it afterwards."""
     try:
         listener.settimeout(10)
         peer.sock, _ = listener.accept()
@@ -317,17 +315,21 @@ def openssl_client(args: list[str], log_path: Path, listener: socket.socket) -> 
 
 
 @contextlib.contextmanager
+def openssl_client(args: list[str], log_path: Path, listener: socket.socket) -> Iterator[Peer]:
+    """`openssl s_client` connecting to our loopback `listener`; `.sock` is our side."""
+    host, port = listener.getsockname()[:2]
+    peer = _start(["openssl", "s_client", "-connect", f"{host}:{port}", *args], log_path)
+    with _accepted(peer, listener):
+        yield peer
+
+
+@contextlib.contextmanager
 def gnutls_client(args: list[str], log_path: Path, listener: socket.socket) -> Iterator[Peer]:
     """`gnutls-cli` connecting to our loopback `listener`."""
     host, port = listener.getsockname()[:2]
     peer = _start(["gnutls-cli", "--port", str(port), *args, host], log_path)
-    try:
-        listener.settimeout(10)
-        peer.sock, _ = listener.accept()
-        peer.sock.settimeout(None)
+    with _accepted(peer, listener):
         yield peer
-    finally:
-        _stop(peer)
 
 
 _NETNS_HELPER = textwrap.dedent(
