@@ -163,7 +163,7 @@ def test_check_config_bad_pki(tmp_path: Path) -> None:
     proc = run_tlshd("--check-config", "-c", pki.config(x509_private_key=other, extra="[x]\n"))
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
-    assert f"warning: {tmp_path}/config: unknown section [x], ignored" in lines
+    assert f"warning: {tmp_path}/config: [x]: unknown section, ignored" in lines
     assert any(
         line.startswith(f"warning: {other}: [authenticate.server] x509.private_key: mode 0640")
         for line in lines

@@ -11,6 +11,8 @@ from tlshd.config import (
     DEFAULT_STATUS_SOCKET,
     Config,
     ConfigError,
+    ConfigKey,
+    Finding,
     check_config,
     find_config_path,
     keyring_entry_problem,
@@ -133,21 +135,33 @@ def test_historical_main_section(tmp_path: Path) -> None:
     config = load(tmp_path, HISTORICAL)
     assert (config.loglevel, config.tls_debug, config.nl_debug) == (1, 2, 3)
     assert config.keyrings == (".nvme", "mine")
-    assert len(config.warnings) == 4
-    assert "[main] tlsdebug: historical key; use [debug] tls" in config.warnings[1]
+    assert [w.key for w in config.warnings] == [
+        ConfigKey("main", "debug"),
+        ConfigKey("main", "tlsdebug"),
+        ConfigKey("main", "nl_debug"),
+        ConfigKey("main", "keyrings"),
+    ]
+    assert config.warnings[1].message == "historical key; use [debug] tls"
+    assert str(config.warnings[1]) == (
+        f"warning: {tmp_path}/config:{config.warnings[1].line}: [main] tlsdebug: "
+        "historical key; use [debug] tls"
+    )
 
 
 def test_new_keys_win_over_historical(tmp_path: Path) -> None:
     config = load(tmp_path, HISTORICAL + "[debug]\nloglevel=0\n[authenticate]\nkeyrings=x\n")
     assert config.loglevel == 0 and config.tls_debug == 2
     assert config.keyrings == ("x",)
-    assert any("loglevel" not in w and "ignored: the new key" in w for w in config.warnings)
+    shadowed = [w.key for w in config.warnings if "ignored: the new key" in w.message]
+    assert shadowed == [ConfigKey("main", "debug"), ConfigKey("main", "keyrings")]
 
 
 def test_misspelt_authentication_section_of_0_10(tmp_path: Path) -> None:
     config = load(tmp_path, "[authentication]\nkeyrings=a;b\n")
     assert config.keyrings == ("a", "b")
-    assert "misspelt section" in config.warnings[0]
+    (warning,) = config.warnings
+    assert warning.key == ConfigKey("authentication", "keyrings") and warning.line == 2
+    assert warning.message.startswith("misspelt section")
 
 
 # --- GKeyFile dialect ------------------------------------------------------------------
@@ -156,7 +170,10 @@ def test_misspelt_authentication_section_of_0_10(tmp_path: Path) -> None:
 def test_keys_are_case_sensitive(tmp_path: Path) -> None:
     config = load(tmp_path, "[debug]\nLogLevel=1\n")
     assert config.loglevel == 0
-    assert config.warnings == (f"{tmp_path}/config:2: [debug] LogLevel: unknown key, ignored",)
+    assert config.warnings == (
+        Finding("warning", f"{tmp_path}/config", ConfigKey("debug", "LogLevel"),
+                "unknown key, ignored", line=2),
+    )  # fmt: skip
 
 
 def test_semicolon_is_not_a_comment(tmp_path: Path) -> None:
@@ -184,7 +201,9 @@ def test_escapes_and_whitespace(tmp_path: Path) -> None:
 def test_repeated_group_merges_and_last_key_wins(tmp_path: Path) -> None:
     config = load(tmp_path, "[debug]\nloglevel=1\n[pool]\n[debug]\ntls=2\nloglevel=3\n")
     assert (config.loglevel, config.tls_debug) == (3, 2)
-    assert "line 2 is overridden" in config.warnings[0]
+    (warning,) = config.warnings
+    assert (warning.key, warning.line) == (ConfigKey("debug", "loglevel"), 6)
+    assert warning.message == "set again; line 2 is overridden"
 
 
 def test_empty_path_means_unset(tmp_path: Path) -> None:
@@ -195,11 +214,11 @@ def test_empty_path_means_unset(tmp_path: Path) -> None:
 def test_unknown_sections_and_keys_warn(tmp_path: Path) -> None:
     config = load(tmp_path, "[debug]\nverbose=1\n[authenticate.server]\nx509.foo=1\n[extra]\na=b\n")
     path = f"{tmp_path}/config"
-    assert config.warnings == (
-        f"{path}:2: [debug] verbose: unknown key, ignored",
-        f"{path}:4: [authenticate.server] x509.foo: unknown key, ignored",
-        f"{path}: unknown section [extra], ignored",
-    )
+    assert [str(w) for w in config.warnings] == [
+        f"warning: {path}:2: [debug] verbose: unknown key, ignored",
+        f"warning: {path}:4: [authenticate.server] x509.foo: unknown key, ignored",
+        f"warning: {path}: [extra]: unknown section, ignored",
+    ]
 
 
 # --- our sections -------------------------------------------------------------------------
@@ -327,21 +346,23 @@ def test_check_config_flags_bad_keyrings_and_warnings(tmp_path: Path) -> None:
     config = load(tmp_path, "[authenticate]\nkeyrings=good;-3\n[debug]\nodd=1\n")
     findings = check_config(config)
     path = str(tmp_path / "config")
-    assert [(f.severity, f.file, f.key) for f in findings] == [
-        ("warning", f"{path}:4", "[debug] odd"),
-        ("error", path, "[authenticate] keyrings"),
+    assert [(f.severity, f.file, f.line, f.key) for f in findings] == [
+        ("warning", path, 4, ConfigKey("debug", "odd")),
+        ("error", path, None, ConfigKey("authenticate", "keyrings")),
     ]
     assert "'-3'" in findings[1].message
 
 
 def test_check_config_unknown_user(tmp_path: Path) -> None:
     findings = check_config(load(tmp_path, "[worker]\nuser=no-such-user-tlshd\n"))
-    assert [(f.severity, f.key) for f in findings] == [("error", "[worker] user")]
+    assert [(f.severity, f.key) for f in findings] == [("error", ConfigKey("worker", "user"))]
 
 
 def test_check_config_root_workers_warn(tmp_path: Path) -> None:
     findings = check_config(load(tmp_path, "[worker]\ndrop_privileges=false\n"))
-    assert [(f.severity, f.key) for f in findings] == [("warning", "[worker] drop_privileges")]
+    assert [(f.severity, f.key) for f in findings] == [
+        ("warning", ConfigKey("worker", "drop_privileges"))
+    ]
 
 
 # --- shipped example and documentation --------------------------------------------------

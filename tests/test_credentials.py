@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tlshd.config import Finding, check_config, load_config
+from tlshd.config import ConfigKey, Finding, check_config, load_config
 from tlshd.credentials import (
     CredentialsError,
     load_credentials,
@@ -246,7 +246,7 @@ def test_check_mismatched_key(pki: Pki) -> None:
     findings = errors(check_config(load_config(pki.config(x509_private_key=other))))
     assert len(findings) == 1
     assert findings[0].file == other
-    assert findings[0].key == "[authenticate.server] x509.private_key"
+    assert findings[0].key == ConfigKey("authenticate.server", "x509.private_key")
     assert "does not match" in findings[0].message
 
 
@@ -265,7 +265,7 @@ def test_check_expired_and_not_yet_valid(pki: Pki) -> None:
         )
         write(pki.root / "server.pem", pem(leaf, pki.intermediate))
         found = errors(check_config(load_config(pki.config())))
-        assert [f.key for f in found] == ["[authenticate.server] x509.certificate"]
+        assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.certificate")]
         assert text in found[0].message
 
 
@@ -289,8 +289,8 @@ def test_check_unreadable_and_missing_files(pki: Pki) -> None:
     path = pki.config(x509_private_key=missing, x509_truststore=str(pki.root))
     found = errors(check_config(load_config(path)))
     by_key = {f.key: f for f in found}
-    assert "not found" in by_key["[authenticate.server] x509.private_key"].message
-    assert "is a directory" in by_key["[authenticate.server] x509.truststore"].message
+    assert "not found" in by_key[ConfigKey("authenticate.server", "x509.private_key")].message
+    assert "is a directory" in by_key[ConfigKey("authenticate.server", "x509.truststore")].message
 
 
 def test_check_key_mode_and_owner(pki: Pki) -> None:
@@ -344,7 +344,7 @@ def test_check_eku(pki: Pki) -> None:
         f"x509.private_key = {pki.private_key}\n"
     )
     (warn,) = warnings(check_config(load_config(str(path))))
-    assert warn.key == "[authenticate.client] x509.certificate"
+    assert warn.key == ConfigKey("authenticate.client", "x509.certificate")
     assert "lacks clientAuth" in warn.message
 
 
@@ -358,14 +358,14 @@ def test_check_crl_issuer(pki: Pki) -> None:
 
 def test_check_half_configured_role(pki: Pki) -> None:
     found = errors(check_config(load_config(pki.config(x509_private_key=""))))
-    assert [f.key for f in found] == ["[authenticate.server] x509.private_key"]
+    assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.private_key")]
     assert "x509.certificate is set but x509.private_key is not" in found[0].message
 
 
 def test_check_pq_keys_warn(pki: Pki) -> None:
     findings = check_config(load_config(pki.config(x509_pq_certificate="/etc/pq.pem")))
     (warn,) = warnings(findings)
-    assert warn.key == "[authenticate.server] x509.pq.certificate"
+    assert warn.key == ConfigKey("authenticate.server", "x509.pq.certificate")
     assert "not supported by this implementation" in warn.message
 
 

@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 LEGACY_CONFIG_PATH = "/etc/tlshd.conf"
 CONFIG_PATH = "/etc/tlshd/config"
@@ -43,6 +44,45 @@ log = logging.getLogger("tlshd")
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and key."""
+
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """A key of the configuration file, or a whole section when `name` is None."""
+
+    section: str
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"[{self.section}] {self.name}" if self.name else f"[{self.section}]"
+
+
+def locate(file: str, line: int | None = None, key: ConfigKey | None = None) -> str:
+    """`file[:line][: [section] key]`: how every message names the place at fault."""
+    where = f"{file}:{line}" if line is not None else file
+    return f"{where}: {key}" if key is not None else where
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem found in the configuration, as data until it is printed or logged.
+
+    `file` is the file at fault: the config file, or a PEM file that a key
+    names; `key` is the config key or section concerned and `line` the line of
+    the config file, where known.
+    """
+
+    severity: Severity
+    file: str
+    key: ConfigKey | None
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {locate(self.file, self.line, self.key)}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -91,7 +131,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     status_socket: str = DEFAULT_STATUS_SOCKET
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[Finding, ...] = ()
 
     def role(self, name: str) -> RoleConfig:
         """The RoleConfig for "client" or "server"."""
@@ -100,21 +140,6 @@ class Config:
         if name == "server":
             return self.server
         raise ValueError(f"unknown role {name!r}")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One result of `check_config`: `file` is the file at fault (a PEM file or
-    the config file), `key` the config key that names it, as "[section] key"."""
-
-    severity: str  # "error" or "warning"
-    file: str
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"{self.severity}: {where}: {self.message}"
 
 
 # --- GKeyFile reader -----------------------------------------------------------
@@ -132,13 +157,13 @@ _GROUP_RE = re.compile(r"^\[([^\[\]\x00-\x1f]+)\]\s*$")
 _ESCAPES = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
-def parse_keyfile(text: str, path: str) -> tuple[dict[str, dict[str, RawValue]], list[str]]:
+def parse_keyfile(text: str, path: str) -> tuple[dict[str, dict[str, RawValue]], list[Finding]]:
     """Parse GKeyFile text into {group: {key: RawValue}} plus duplicate-key warnings.
 
     Raises ConfigError (naming `path` and the line) on a syntax error.
     """
     groups: dict[str, dict[str, RawValue]] = {}
-    warnings: list[str] = []
+    warnings: list[Finding] = []
     current: dict[str, RawValue] | None = None
     current_name = ""
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -161,8 +186,13 @@ def parse_keyfile(text: str, path: str) -> tuple[dict[str, dict[str, RawValue]],
             raise ConfigError(f"{path}:{lineno}: key {key!r} appears before any [section]")
         if key in current:
             warnings.append(
-                f"{path}:{lineno}: [{current_name}] {key}: set again; "
-                f"line {current[key].lineno} is overridden"
+                Finding(
+                    "warning",
+                    path,
+                    ConfigKey(current_name, key),
+                    f"set again; line {current[key].lineno} is overridden",
+                    lineno,
+                )
             )
         current[key] = RawValue(value.lstrip(), lineno)
     return groups, warnings
@@ -214,10 +244,16 @@ class _Reader:
         self.path = path
         self.groups = groups
 
-    def where(self, section: str, key: str) -> str:
+    def line(self, section: str, key: str) -> int | None:
         raw = self.groups.get(section, {}).get(key)
-        line = f":{raw.lineno}" if raw else ""
-        return f"{self.path}{line}: [{section}] {key}"
+        return raw.lineno if raw else None
+
+    def where(self, section: str, key: str) -> str:
+        return locate(self.path, self.line(section, key), ConfigKey(section, key))
+
+    def warning(self, section: str, key: str | None, message: str) -> Finding:
+        line = self.line(section, key) if key is not None else None
+        return Finding("warning", self.path, ConfigKey(section, key), message, line)
 
     def raw(self, section: str, key: str) -> RawValue | None:
         value = self.groups.get(section, {}).get(key)
@@ -323,24 +359,25 @@ def _legacy_source(reader: _Reader, section: str, key: str) -> tuple[str, str]:
     return section, key
 
 
-def _legacy_warnings(reader: _Reader) -> list[str]:
+def _legacy_warnings(reader: _Reader) -> list[Finding]:
     warnings = []
     for old_key, (new_section, new_key) in _LEGACY_MAIN.items():
         if reader.has("main", old_key):
             shadowed = (
                 " (ignored: the new key is also set)" if reader.has(new_section, new_key) else ""
             )
-            warnings.append(
-                f"{reader.where('main', old_key)}: historical key; "
-                f"use [{new_section}] {new_key}{shadowed}"
-            )
+            new = ConfigKey(new_section, new_key)
+            warnings.append(reader.warning("main", old_key, f"historical key; use {new}{shadowed}"))
     if reader.has("authentication", "keyrings"):
         shadowed = (
             " (ignored: the new key is also set)" if reader.has("authenticate", "keyrings") else ""
         )
         warnings.append(
-            f"{reader.where('authentication', 'keyrings')}: misspelt section "
-            f"(ktls-utils 0.10); use [authenticate] keyrings{shadowed}"
+            reader.warning(
+                "authentication",
+                "keyrings",
+                f"misspelt section (ktls-utils 0.10); use [authenticate] keyrings{shadowed}",
+            )
         )
     return warnings
 
@@ -400,17 +437,15 @@ def _read_status_socket(reader: _Reader) -> str:
     return value
 
 
-def _unknown_warnings(reader: _Reader) -> list[str]:
+def _unknown_warnings(reader: _Reader) -> list[Finding]:
     warnings = []
     for section, keys in reader.groups.items():
         known = KNOWN_KEYS.get(section)
         if known is None:
-            warnings.append(f"{reader.path}: unknown section [{section}], ignored")
+            warnings.append(reader.warning(section, None, "unknown section, ignored"))
             continue
         warnings.extend(
-            f"{reader.where(section, key)}: unknown key, ignored"
-            for key in keys
-            if key not in known
+            reader.warning(section, key, "unknown key, ignored") for key in keys if key not in known
         )
     return warnings
 
@@ -526,23 +561,11 @@ def check_config(config: Config) -> list[Finding]:
     from tlshd.credentials import check_credentials
 
     path = config.path or "<config>"
-    findings = [_warning_finding(path, text) for text in config.warnings]
+    findings = list(config.warnings)
     findings += _check_keyrings(config, path)
     findings += _check_worker(config, path)
     findings += check_credentials(config)
     return findings
-
-
-_WARNING_RE = re.compile(r"^(?::(?P<line>[0-9]+))?: (?:(?P<key>\[[^\]]*\] [^:]+): )?(?P<msg>.*)$")
-
-
-def _warning_finding(path: str, text: str) -> Finding:
-    """Turn a `Config.warnings` line ("file[:line]: [section] key: message") into a Finding."""
-    match = _WARNING_RE.match(text[len(path) :]) if text.startswith(path) else None
-    if match is None:
-        return Finding("warning", path, "", text)
-    where = f"{path}:{match['line']}" if match["line"] else path
-    return Finding("warning", where, match["key"] or "", match["msg"])
 
 
 def _check_keyrings(config: Config, path: str) -> list[Finding]:
@@ -552,7 +575,10 @@ def _check_keyrings(config: Config, path: str) -> list[Finding]:
         if problem:
             findings.append(
                 Finding(
-                    "error", path, "[authenticate] keyrings", f"{problem}: not a name or serial"
+                    "error",
+                    path,
+                    ConfigKey("authenticate", "keyrings"),
+                    f"{problem}: not a name or serial",
                 )
             )
     return findings
@@ -567,12 +593,14 @@ def _check_worker(config: Config, path: str) -> list[Finding]:
             Finding(
                 "warning",
                 path,
-                "[worker] drop_privileges",
+                ConfigKey("worker", "drop_privileges"),
                 "false: workers keep root privileges while parsing peer data",
             )
         ]
     try:
         pwd.getpwnam(worker.user)
     except KeyError:
-        return [Finding("error", path, "[worker] user", f"no such user {worker.user!r}")]
+        return [
+            Finding("error", path, ConfigKey("worker", "user"), f"no such user {worker.user!r}")
+        ]
     return []

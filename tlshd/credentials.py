@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tlshd.config import Config, Finding, RoleConfig
+from tlshd.config import Config, ConfigKey, Finding, RoleConfig
 
 ROLES = ("client", "server")
 ROLE_SECTIONS = {"client": "authenticate.client", "server": "authenticate.server"}
@@ -55,7 +55,7 @@ _EXPIRY_WARNING = datetime.timedelta(days=30)
 class CredentialsError(Exception):
     """A configured credential file cannot be used."""
 
-    def __init__(self, file: str, key: str, reason: str) -> None:
+    def __init__(self, file: str, key: ConfigKey, reason: str) -> None:
         super().__init__(f"{file}: {key}: {reason}")
         self.file = file
         self.key = key
@@ -91,12 +91,12 @@ class Credentials:
 # --- reading and parsing -----------------------------------------------------------
 
 
-def key_label(role: str, key: str) -> str:
-    """ "[authenticate.server] x509.certificate" for ("server", "x509.certificate")."""
-    return f"[{ROLE_SECTIONS[role]}] {key}"
+def key_label(role: str, key: str) -> ConfigKey:
+    """[authenticate.server] x509.certificate for ("server", "x509.certificate")."""
+    return ConfigKey(ROLE_SECTIONS[role], key)
 
 
-def read_file(path: str, label: str) -> bytes:
+def read_file(path: str, label: ConfigKey) -> bytes:
     """The contents of a configured file; CredentialsError if it cannot be read."""
     try:
         with open(path, "rb") as f:
@@ -118,7 +118,7 @@ def pem_blocks(data: bytes, kind: bytes) -> list[bytes]:
     return blocks
 
 
-def parse_certificates(data: bytes, path: str, label: str) -> list[x509.Certificate]:
+def parse_certificates(data: bytes, path: str, label: ConfigKey) -> list[x509.Certificate]:
     """Every CERTIFICATE block of a PEM file, in file order."""
     try:
         ders = pem_blocks(data, b"CERTIFICATE")
@@ -130,7 +130,7 @@ def parse_certificates(data: bytes, path: str, label: str) -> list[x509.Certific
     return certs
 
 
-def parse_private_key(data: bytes, path: str, label: str) -> PrivateKeyTypes:
+def parse_private_key(data: bytes, path: str, label: ConfigKey) -> PrivateKeyTypes:
     """The PEM private key in `data`; CredentialsError if it is unusable for TLS 1.3."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -143,7 +143,7 @@ def parse_private_key(data: bytes, path: str, label: str) -> PrivateKeyTypes:
     return key
 
 
-def parse_crls(data: bytes, path: str, label: str) -> list[x509.CertificateRevocationList]:
+def parse_crls(data: bytes, path: str, label: ConfigKey) -> list[x509.CertificateRevocationList]:
     try:
         crls = [x509.load_der_x509_crl(der) for der in pem_blocks(data, b"X509 CRL")]
     except (ValueError, binascii.Error) as err:
@@ -163,7 +163,7 @@ def key_matches_certificate(key: object, cert: x509.Certificate) -> bool:
     return _spki(key.public_key()) == _spki(cert.public_key())  # type: ignore[attr-defined]
 
 
-def _reject_url(value: str, label: str) -> None:
+def _reject_url(value: str, label: ConfigKey) -> None:
     if _URL_RE.match(value):
         raise CredentialsError(
             value,
@@ -233,10 +233,10 @@ def load_credentials_partial(config: Config) -> Credentials:
 
 
 class _Findings(list[Finding]):
-    def error(self, file: str, key: str, message: str) -> None:
+    def error(self, file: str, key: ConfigKey, message: str) -> None:
         self.append(Finding("error", file, key, message))
 
-    def warning(self, file: str, key: str, message: str) -> None:
+    def warning(self, file: str, key: ConfigKey, message: str) -> None:
         self.append(Finding("warning", file, key, message))
 
     def add(self, err: CredentialsError) -> None:
@@ -296,7 +296,7 @@ def _check_file(
     role: str,
     key: str,
     path: str | None,
-    parse: Callable[[bytes, str, str], list],
+    parse: Callable[[bytes, str, ConfigKey], list],
 ) -> list:
     if not path:
         return []
@@ -322,7 +322,7 @@ def _check_private_key(out: _Findings, role: str, rc: RoleConfig) -> object | No
         return None
 
 
-def _check_path(out: _Findings, path: str, label: str, secret: bool) -> None:
+def _check_path(out: _Findings, path: str, label: ConfigKey, secret: bool) -> None:
     """Upstream's expectations: owned by root, certificates 0644, keys 0600."""
     if not os.path.isabs(path):
         out.warning(path, label, "relative path: resolved against the daemon's working directory")
@@ -363,7 +363,9 @@ def _check_leaf(out: _Findings, role: str, path: str, leaf: x509.Certificate) ->
             out.warning(path, label, "no subjectAltName: clients checking the host name will fail")
 
 
-def _check_eku(out: _Findings, role: str, path: str, label: str, leaf: x509.Certificate) -> None:
+def _check_eku(
+    out: _Findings, role: str, path: str, label: ConfigKey, leaf: x509.Certificate
+) -> None:
     wanted = (
         ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
     )
@@ -377,7 +379,7 @@ def _check_eku(out: _Findings, role: str, path: str, label: str, leaf: x509.Cert
         out.warning(path, label, f"extendedKeyUsage lacks {name}: peers will reject it")
 
 
-def _check_key_usage(out: _Findings, path: str, label: str, leaf: x509.Certificate) -> None:
+def _check_key_usage(out: _Findings, path: str, label: ConfigKey, leaf: x509.Certificate) -> None:
     try:
         usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
