@@ -15,10 +15,9 @@ from tlshd.config import (
     Finding,
     check_config,
     find_config_path,
-    keyring_entry_problem,
-    keyring_serial,
     load_config,
 )
+from tlshd.keyring import keyring_entry_problem, keyring_serial
 
 # As shipped by ktls-utils: everything but [debug] commented out.
 UPSTREAM_SHIPPED = """\

@@ -28,16 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tlshd.keyring import keyring_entry_problem
+
 LEGACY_CONFIG_PATH = "/etc/tlshd.conf"
 CONFIG_PATH = "/etc/tlshd/config"
 DEFAULT_STATUS_SOCKET = "/run/tlshd/status.sock"
 
 # Longest sun_path a Unix socket address may carry (108 bytes with the NUL).
 _SUN_PATH_MAX = 107
-# Kernel key serials are positive int32 values (key_serial_t).
-_KEY_SERIAL_MAX = 2**31 - 1
-# KEY_MAX_DESC_SIZE in include/linux/key.h.
-_KEY_DESC_MAX = 4095
 
 log = logging.getLogger("tlshd")
 
@@ -515,41 +513,6 @@ def find_config_path(
         log.warning("Please relocate %s to %s", legacy_path, primary_path)
         return legacy_path
     return primary_path
-
-
-# --- keyrings ---------------------------------------------------------------------
-
-
-def keyring_serial(entry: str) -> int | None:
-    """The serial number an `[authenticate] keyrings` entry names, or None for a name.
-
-    Decimal or 0x-hex; the caller should first check `keyring_entry_problem`.
-    """
-    text = entry.strip()
-    try:
-        if re.fullmatch(r"[0-9]+", text):
-            return int(text, 10)
-        if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
-            return int(text, 16)
-    except ValueError:
-        return None
-    return None
-
-
-def keyring_entry_problem(entry: str) -> str | None:
-    """Why `entry` is neither a keyring name nor a key serial; None if it is one."""
-    serial = keyring_serial(entry)
-    if serial is not None:
-        if not 1 <= serial <= _KEY_SERIAL_MAX:
-            return f"serial {entry!r} is out of range (1..{_KEY_SERIAL_MAX})"
-        return None
-    if re.fullmatch(r"[+-]?[0-9]+|0[xX].*", entry):
-        return f"{entry!r} looks like a number but is not a valid key serial"
-    if len(entry.encode()) > _KEY_DESC_MAX:
-        return f"name is longer than {_KEY_DESC_MAX} bytes"
-    if any(ch.isspace() or not ch.isprintable() for ch in entry):
-        return f"{entry!r} contains whitespace or control characters"
-    return None
 
 
 # --- check-config -------------------------------------------------------------------

@@ -35,8 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tlshd.config import keyring_serial
-
 # keyctl(2) operations (include/uapi/linux/keyctl.h).
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
@@ -75,6 +73,12 @@ SYSCALL_NUMBERS = {
 }
 
 PROC_KEYS = "/proc/keys"
+
+# Key serials are positive int32 values (key_serial_t, include/linux/key.h).
+KEY_SERIAL_MAX = 2**31 - 1
+# KEY_MAX_DESC_SIZE (include/linux/key.h) is 4096 with the NUL, so a key
+# description or keyring name holds at most 4095 bytes.
+KEY_DESC_MAX = 4095
 
 
 class KeyringError(OSError):
@@ -384,10 +388,45 @@ def find_keyring_by_name(name: str, proc_keys: str = PROC_KEYS) -> int | None:
     return None
 
 
+# --- `[authenticate] keyrings` entries ----------------------------------------------
+
+
+def keyring_serial(entry: str) -> int | None:
+    """The number an `[authenticate] keyrings` entry spells, or None for a name.
+
+    Decimal or 0x-hex; the caller should first check `keyring_entry_problem`.
+    """
+    text = entry.strip()
+    try:
+        if re.fullmatch(r"[0-9]+", text):
+            return int(text, 10)
+        if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
+            return int(text, 16)
+    except ValueError:
+        return None  # more decimal digits than sys.get_int_max_str_digits() allows
+    return None
+
+
+def keyring_entry_problem(entry: str) -> str | None:
+    """Why `entry` is neither a keyring name nor a key serial; None if it is one."""
+    serial = keyring_serial(entry)
+    if serial is not None:
+        if not 1 <= serial <= KEY_SERIAL_MAX:
+            return f"serial {entry!r} is out of range (1..{KEY_SERIAL_MAX})"
+        return None
+    if re.fullmatch(r"[+-]?[0-9]+|0[xX].*", entry):
+        return f"{entry!r} looks like a number but is not a valid key serial"
+    if len(entry.encode()) > KEY_DESC_MAX:
+        return f"name is longer than {KEY_DESC_MAX} bytes"
+    if any(ch.isspace() or not ch.isprintable() for ch in entry):
+        return f"{entry!r} contains whitespace or control characters"
+    return None
+
+
 def parse_serial(spec: str) -> int | None:
-    """A decimal or 0x-hex serial, or None if `spec` is not one."""
+    """A decimal or 0x-hex serial in the range of key serials, or None."""
     value = keyring_serial(spec)
-    return value if value is not None and 0 < value < 2**31 else None
+    return value if value is not None and 1 <= value <= KEY_SERIAL_MAX else None
 
 
 def resolve_keyring(spec: str) -> int | None:
