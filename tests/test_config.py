@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from tlshd.config import (
     DEFAULT_STATUS_SOCKET,
+    KNOWN_KEYS,
     Config,
     ConfigError,
     ConfigKey,
@@ -238,11 +240,56 @@ def test_our_sections(tmp_path: Path) -> None:
     assert config.status_socket == "/tmp/t.sock"
 
 
-def test_defaults(tmp_path: Path) -> None:
+def documented_defaults() -> dict[tuple[str, str], str]:
+    """{(section, key): default} from the key tables of docs/configuration.md,
+    whose second column ends in ", DEFAULT"."""
+    defaults = {}
+    sections: list[str] = []
+    for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
+        if line.startswith("#"):
+            sections = re.findall(r"`\[([a-z.]+)\]`", line) if line.startswith("### ") else []
+            continue
+        row = re.match(r"^\| `([a-z0-9_.]+)` \| ([^|]*), ([^,|]+) \|", line)
+        for section in sections if row else ():
+            defaults[(section, row[1])] = row[3].strip().strip("`")
+    return defaults
+
+
+def default_as_loaded(config: Config, section: str, key: str) -> object:
+    """What `load_config` made of `[section] key` when the file does not set it."""
+    if section == "debug":
+        return getattr(config, {"loglevel": "loglevel", "tls": "tls_debug", "nl": "nl_debug"}
+                       .get(key, key))  # fmt: skip
+    if section == "authenticate":
+        return config.keyrings
+    if section.startswith("authenticate."):
+        role = config.role(section.split(".")[1])
+        return getattr(role, key.removeprefix("x509.").replace(".", "_"))
+    if section == "status":
+        return config.status_socket
+    return getattr(getattr(config, section), key)
+
+
+def parse_documented(text: str) -> object:
+    words = {"unset": None, "empty": (), "true": True, "false": False}
+    if text in words:
+        return words[text]
+    return int(text) if text.isdigit() else text
+
+
+def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
+    """An empty file gives every key the default that docs/configuration.md states,
+    and every key the parser knows (less the historical spellings) is documented."""
+    documented = documented_defaults()
+    current = {(section, key) for section, keys in KNOWN_KEYS.items() for key in keys}
+    historical = {
+        (section, key) for section, key in current if section in ("main", "authentication")
+    }
+    assert set(documented) == current - historical
     config = load(tmp_path, "")
+    for (section, key), text in documented.items():
+        assert default_as_loaded(config, section, key) == parse_documented(text), (section, key)
     assert config.status_socket == DEFAULT_STATUS_SOCKET
-    assert config.worker.drop_privileges is True
-    assert config.pool.min_workers <= config.pool.max_workers
 
 
 # --- errors name the file, section and key ------------------------------------------------

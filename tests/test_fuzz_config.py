@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlshd.config import KNOWN_KEYS, Config, ConfigError, check_config, load_config
+from tlshd.config import KNOWN_KEYS, Config, ConfigError, ConfigKey, check_config, load_config
 from tlshd.credentials import CredentialsError, load_credentials
 
 SETTINGS = settings(
@@ -129,37 +129,69 @@ def test_every_known_key_with_tricky_values(section: str, value: str, data: st.D
         load_bytes(Path(name), f"[{section}]\n{key}={value}\n".encode("utf-8", "surrogatepass"))
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"[pool]\nmax_workers=" + b"9" * 100_000 + b"\n",  # one huge number
-        b"[worker]\nhandshake_timeout_ms=" + b"1" * 4301 + b"\n",
-        b"[debug]\nloglevel=-" + b"7" * 5000 + b"\n",
-        b"[status]\nsocket=/" + b"s" * 1_000_000 + b"\n",  # a huge line
-        b"[" + b"x" * 100_000 + b"]\n",
-        b"\x00" * 1000,
-        b"[debug]\nloglevel=1\x00\n",
-        b"[authenticate.client]\nx509.certificate=/etc/passwd\x00.pem\n",
-        b"[authenticate.server]\nx509.private_key=/" + b"k" * 5000 + b"\n",
-        b"[authenticate.server]\nx509.truststore=/etc/passwd\n",  # not PEM
-        b"[authenticate.client]\nx509.crl=/proc/self/status\n",
-        b"[worker]\nuser=a\x00b\n",
-        b"\xff\xfe[debug]\n",  # a UTF-16 BOM is not UTF-8
-        b"[debug]\nloglevel=\xc3\x28\n",  # invalid UTF-8 in a value
-        b"\xef\xbb\xbf[debug]\nloglevel=1\n",  # UTF-8 BOM
-        b"[debug\n",
-        b"]debug[\n",
-        b"[[debug]]\n",
-        b"[debug]]\nloglevel=1\n",
-        b"key=value\n",
-        b"[debug]\n=1\n",
-        b"[status]\nsocket=/a\\\n",
-        b"[authenticate]\nkeyrings=" + b";".join([b"0x" + b"f" * 5000, b"-1", b"x" * 9000]) + b"\n",
-    ],
-    ids=lambda data: repr(data[:24]),
-)
-def test_hostile_files(tmp_path: Path, data: bytes) -> None:
-    load_bytes(tmp_path, data)
+# Hostile files the parser must refuse: ConfigError, with a message that
+# starts with the file's name and says what is wrong (the fragment).
+REFUSED = [
+    (b"[pool]\nmax_workers=" + b"9" * 100_000 + b"\n", "[pool] max_workers: '999"),
+    (b"[worker]\nhandshake_timeout_ms=" + b"1" * 4301 + b"\n", "is out of range"),
+    (b"[debug]\nloglevel=-" + b"7" * 5000 + b"\n", "[debug] loglevel: '-777"),
+    (b"[status]\nsocket=/" + b"s" * 1_000_000 + b"\n", "path is longer than 107 bytes"),
+    (b"\x00" * 1000, ":1: '\\x00"),
+    (b"[debug]\nloglevel=1\x00\n", "[debug] loglevel: value contains a NUL byte"),
+    (b"[authenticate.client]\nx509.certificate=/etc/passwd\x00.pem\n", "contains a NUL byte"),
+    (b"[worker]\nuser=a\x00b\n", "[worker] user: value contains a NUL byte"),
+    (b"\xff\xfe[debug]\n", "not valid UTF-8 (byte offset 0)"),  # a UTF-16 BOM
+    (b"[debug]\nloglevel=\xc3\x28\n", "not valid UTF-8 (byte offset 17)"),
+    (b"\xef\xbb\xbf[debug]\nloglevel=1\n", ":1: '\\ufeff[debug]' is not a key=value pair"),
+    (b"[debug\n", ":1: '[debug' is not a key=value pair"),
+    (b"]debug[\n", ":1: ']debug[' is not a key=value pair"),
+    (b"[[debug]]\n", ":1: '[[debug]]' is not a key=value pair"),
+    (b"[debug]]\nloglevel=1\n", ":1: '[debug]]' is not a key=value pair"),
+    (b"key=value\n", ":1: key 'key' appears before any [section]"),
+    (b"[debug]\n=1\n", ":2: '=1' is not a key=value pair"),
+    (b"[status]\nsocket=/a\\\n", "[status] socket: value ends with a lone backslash"),
+]
+
+
+@pytest.mark.parametrize(("data", "fragment"), REFUSED, ids=lambda v: repr(v[:24]))
+def test_hostile_files_are_refused(tmp_path: Path, data: bytes, fragment: str) -> None:
+    path = tmp_path / "tlshd.conf"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert message.startswith(str(path)) and fragment in message, message[:300]
+
+
+_SERVER = "authenticate.server"
+# Hostile files that parse, because each value is well-formed: the daemon
+# starts, and `--check-config` reports each problem as an error on its key.
+LOADED_WITH_ERRORS = [
+    (b"[authenticate.server]\nx509.private_key=/" + b"k" * 5000 + b"\n",
+     [ConfigKey(_SERVER, "x509.certificate"), ConfigKey(_SERVER, "x509.private_key")]),
+    (b"[authenticate.server]\nx509.truststore=/etc/passwd\n",  # not PEM
+     [ConfigKey(_SERVER, "x509.truststore")]),
+    (b"[authenticate.client]\nx509.crl=/proc/self/status\n",
+     [ConfigKey("authenticate.client", "x509.crl")]),
+    # A serial out of range, a negative number, a name longer than a key description.
+    (b"[authenticate]\nkeyrings=" + b";".join([b"0x" + b"f" * 5000, b"-1", b"x" * 9000]) + b"\n",
+     [ConfigKey("authenticate", "keyrings")] * 3),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("data", "keys"), LOADED_WITH_ERRORS, ids=lambda v: repr(v)[:24])
+def test_hostile_values_are_errors(tmp_path: Path, data: bytes, keys: list[ConfigKey]) -> None:
+    config = load_bytes(tmp_path, data)
+    assert config is not None
+    findings = check_config(config)
+    assert [f.key for f in findings if f.severity == "error"] == keys, findings
+
+
+def test_huge_section_name_is_an_unknown_section(tmp_path: Path) -> None:
+    config = load_bytes(tmp_path, b"[" + b"x" * 10_000 + b"]\n")
+    assert config is not None
+    (warning,) = config.warnings
+    assert warning.key == ConfigKey("x" * 10_000) and warning.message == "unknown section, ignored"
 
 
 def test_not_a_regular_file(tmp_path: Path) -> None:
