@@ -308,12 +308,16 @@ def _socket_key(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+# Any id works: the daemon learns it from GETFAMILY, as from the real kernel.
+DEFAULT_FAMILY_ID = 0x22
+
+
 class FakeKernel:
     """Serves GETFAMILY, GETPOLICY, ACCEPT and DONE like net/handshake; see module doc."""
 
     def __init__(
         self,
-        family_id: int = 0x22,
+        family_id: int = DEFAULT_FAMILY_ID,
         group_base: int = 40,
         has_family: bool = True,
         done_maxattr: int = int(DoneAttr.REMOTE_AUTH),

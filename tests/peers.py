@@ -27,8 +27,19 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.helpers.certs import (
+    CA_KEY_USAGE,
+    DAY,
+    LEAF_KEY_USAGE,
+    PrivateKey,
+    cert_pem,
+    issue_cert,
+    key_der,
+    key_pem,
+    make_key,
+)
 
 # --------------------------------------------------------------------------- PKI
 
@@ -58,87 +69,44 @@ class Pki:
     other_client: Issued  # issued by other_ca
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write(
-    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> Issued:
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(cert_pem)
-    key_path.write_bytes(key_pem)
-    key_path.chmod(0o600)
-    return Issued(
-        cert_pem,
-        key_pem,
-        cert_path,
-        key_path,
+def _write(directory: Path, stem: str, cert: x509.Certificate, key: PrivateKey) -> Issued:
+    issued = Issued(
+        cert_pem(cert),
+        key_pem(key),
+        directory / f"{stem}.pem",
+        directory / f"{stem}.key",
         cert.public_bytes(serialization.Encoding.DER),
-        key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+        key_der(key),
     )
+    issued.cert_path.write_bytes(issued.cert_pem)
+    issued.key_path.write_bytes(issued.key_pem)
+    issued.key_path.chmod(0o600)
+    return issued
 
 
-def _ca(cn: str, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+def _ca(cn: str, now: datetime.datetime) -> tuple[x509.Certificate, PrivateKey]:
+    key = make_key()
+    cert = issue_cert(
+        cn, key, ca=True, not_before=now - DAY, not_after=now + 30 * DAY,
+        key_usage=CA_KEY_USAGE, key_ids=True,
+    )  # fmt: skip
     return cert, key
 
 
 def _leaf(
     cn: str,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    issuer: tuple[x509.Certificate, PrivateKey],
     ekus: list[x509.ObjectIdentifier],
     sans: list[x509.GeneralName],
     not_before: datetime.datetime,
     not_after: datetime.datetime,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert, ca_key = issuer
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
+) -> tuple[x509.Certificate, PrivateKey]:
+    key = make_key()
+    cert = issue_cert(
+        cn, key, issuer, not_before=not_before, not_after=not_after, eku=ekus, sans=sans,
+        key_usage=LEAF_KEY_USAGE, key_ids=True,
+    )  # fmt: skip
+    return cert, key
 
 
 SERVER_SANS: list[x509.GeneralName] = [
@@ -222,7 +190,11 @@ def free_port() -> int:
 
 
 @dataclass
-class Peer:
+class PeerProcess:
+    """An openssl or GnuTLS command-line peer running as a child process, its
+    output in `log_path`.  (tests.helpers.engines.Peer is something else: the
+    remote end of one consumer request handed to the daemon.)"""
+
     proc: subprocess.Popen[bytes]
     log_path: Path
     port: int = 0
@@ -238,7 +210,8 @@ class Peer:
             if text in out:
                 return out
             if self.proc.poll() is not None:
-                time.sleep(0.05)
+                # The tool wrote its log file itself: once it has exited, the
+                # file holds everything it will ever say.
                 out = self.output()
                 if text in out:
                     return out
@@ -252,16 +225,16 @@ class Peer:
         self.proc.stdin.flush()
 
 
-def _start(args: list[str], log_path: Path) -> Peer:
+def _start(args: list[str], log_path: Path) -> PeerProcess:
     log = log_path.open("wb")
     proc = subprocess.Popen(
         args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=peer_env()
     )
     log.close()
-    return Peer(proc, log_path)
+    return PeerProcess(proc, log_path)
 
 
-def _stop(peer: Peer) -> None:
+def _stop(peer: PeerProcess) -> None:
     if peer.sock is not None:
         peer.sock.close()
     if peer.proc.poll() is None:
@@ -288,7 +261,9 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket
 
 
 @contextlib.contextmanager
-def openssl_server(args: list[str], log_path: Path, host: str = "127.0.0.1") -> Iterator[Peer]:
+def openssl_server(
+    args: list[str], log_path: Path, host: str = "127.0.0.1"
+) -> Iterator[PeerProcess]:
     """`openssl s_server` on loopback; yields once it accepts, with `.sock` connected."""
     port = free_port()
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -303,7 +278,7 @@ def openssl_server(args: list[str], log_path: Path, host: str = "127.0.0.1") -> 
 
 
 @contextlib.contextmanager
-def _accepted(peer: Peer, listener: socket.socket) -> Iterator[Peer]:
+def _accepted(peer: PeerProcess, listener: socket.socket) -> Iterator[PeerProcess]:
     """Accept the client `peer` started on `listener` into `.sock`; stop it afterwards."""
     try:
         listener.settimeout(10)
@@ -315,7 +290,9 @@ def _accepted(peer: Peer, listener: socket.socket) -> Iterator[Peer]:
 
 
 @contextlib.contextmanager
-def openssl_client(args: list[str], log_path: Path, listener: socket.socket) -> Iterator[Peer]:
+def openssl_client(
+    args: list[str], log_path: Path, listener: socket.socket
+) -> Iterator[PeerProcess]:
     """`openssl s_client` connecting to our loopback `listener`; `.sock` is our side."""
     host, port = listener.getsockname()[:2]
     peer = _start(["openssl", "s_client", "-connect", f"{host}:{port}", *args], log_path)
@@ -324,7 +301,9 @@ def openssl_client(args: list[str], log_path: Path, listener: socket.socket) -> 
 
 
 @contextlib.contextmanager
-def gnutls_client(args: list[str], log_path: Path, listener: socket.socket) -> Iterator[Peer]:
+def gnutls_client(
+    args: list[str], log_path: Path, listener: socket.socket
+) -> Iterator[PeerProcess]:
     """`gnutls-cli` connecting to our loopback `listener`."""
     host, port = listener.getsockname()[:2]
     peer = _start(["gnutls-cli", "--port", str(port), *args, host], log_path)
@@ -360,7 +339,7 @@ _NETNS_HELPER = textwrap.dedent(
 
 
 @contextlib.contextmanager
-def gnutls_server(args: list[str], log_path: Path) -> Iterator[Peer]:
+def gnutls_server(args: list[str], log_path: Path) -> Iterator[PeerProcess]:
     """`gnutls-serv` in a private network namespace; `.sock` is connected to it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
@@ -380,7 +359,7 @@ def gnutls_server(args: list[str], log_path: Path) -> Iterator[Peer]:
         env=peer_env(),
     )
     theirs.close()
-    peer = Peer(proc, log_path, 5556)
+    peer = PeerProcess(proc, log_path, 5556)
     try:
         ours.settimeout(15)
         msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_credentials import Pki, key_pem, make_key, write
+from tests.helpers.certs import key_pem, make_key
+from tests.test_credentials import Pki, write
 from tlshd import cli
 from tlshd.config import Config
 

@@ -15,8 +15,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from tests.helpers.certs import DAY, cert_pem, issue_cert, key_pem, make_key, name
 from tlshd.config import ConfigKey, Finding, check_config, load_config
 from tlshd.credentials import (
     CredentialsError,
@@ -25,58 +26,6 @@ from tlshd.credentials import (
 )
 
 NOW = datetime.datetime.now(datetime.UTC)
-DAY = datetime.timedelta(days=1)
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def make_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def make_cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None = None,
-    *,
-    ca: bool = False,
-    not_before: datetime.datetime | None = None,
-    not_after: datetime.datetime | None = None,
-    eku: list[x509.ObjectIdentifier] | None = None,
-    san: str | None = None,
-) -> x509.Certificate:
-    issuer_name, issuer_key = issuer or (subject, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or NOW - DAY)
-        .not_valid_after(not_after or NOW + 365 * DAY)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if eku:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    if san:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def write(path: Path, data: bytes, mode: int = 0o644) -> str:
@@ -95,25 +44,25 @@ class Pki:
     leaf_key: ec.EllipticCurvePrivateKey = field(default_factory=make_key)
 
     def __post_init__(self) -> None:
-        self.ca = make_cert("Test CA", self.ca_key, ca=True)
-        self.intermediate = make_cert(
+        self.ca = issue_cert("Test CA", self.ca_key, ca=True)
+        self.intermediate = issue_cert(
             "Test Intermediate", self.int_key, ("Test CA", self.ca_key), ca=True
         )
-        self.leaf = make_cert(
+        self.leaf = issue_cert(
             "server.example",
             self.leaf_key,
             ("Test Intermediate", self.int_key),
             eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-            san="server.example",
+            sans=[x509.DNSName("server.example")],
         )
-        self.truststore = write(self.root / "ca.pem", pem(self.ca))
-        self.certificate = write(self.root / "server.pem", pem(self.leaf, self.intermediate))
+        self.truststore = write(self.root / "ca.pem", cert_pem(self.ca))
+        self.certificate = write(self.root / "server.pem", cert_pem(self.leaf, self.intermediate))
         self.private_key = write(self.root / "server.key", key_pem(self.leaf_key), 0o600)
 
     def crl(self, issuer_name: str, issuer_key: ec.EllipticCurvePrivateKey) -> str:
         crl = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(_name(issuer_name))
+            .issuer_name(name(issuer_name))
             .last_update(NOW - DAY)
             .next_update(NOW + 7 * DAY)
             .sign(issuer_key, hashes.SHA256())
@@ -158,8 +107,8 @@ def messages(findings: list[Finding]) -> str:
 def test_load_good_pki(pki: Pki) -> None:
     creds = load_credentials(load_config(pki.config()))
     server = creds.server
-    assert server.cert_chain_pem == pem(pki.leaf, pki.intermediate)
-    assert server.truststore_pem == pem(pki.ca)
+    assert server.cert_chain_pem == cert_pem(pki.leaf, pki.intermediate)
+    assert server.truststore_pem == cert_pem(pki.ca)
     assert server.crl_pem is None
     loaded = serialization.load_pem_private_key(server.private_key_pem or b"", None)
     assert loaded.private_numbers() == pki.leaf_key.private_numbers()
@@ -224,7 +173,7 @@ def test_partial_load_keeps_other_role(pki: Pki) -> None:
     assert "missing.pem" in creds.server.errors[0]
     # Fail closed: no trust store PEM that could be mistaken for "system trust".
     assert creds.server.truststore_pem is None
-    assert creds.client.usable and creds.client.truststore_pem == pem(pki.ca)
+    assert creds.client.usable and creds.client.truststore_pem == cert_pem(pki.ca)
 
 
 def test_crl_is_loaded(pki: Pki) -> None:
@@ -255,30 +204,30 @@ def test_check_expired_and_not_yet_valid(pki: Pki) -> None:
         ({"not_before": NOW - 10 * DAY, "not_after": NOW - DAY}, "expired"),
         ({"not_before": NOW + DAY, "not_after": NOW + 10 * DAY}, "not valid before"),
     ):
-        leaf = make_cert(
+        leaf = issue_cert(
             "server.example",
             pki.leaf_key,
             ("Test Intermediate", pki.int_key),
             eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-            san="server.example",
+            sans=[x509.DNSName("server.example")],
             **kwargs,
         )
-        write(pki.root / "server.pem", pem(leaf, pki.intermediate))
+        write(pki.root / "server.pem", cert_pem(leaf, pki.intermediate))
         found = errors(check_config(load_config(pki.config())))
         assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.certificate")]
         assert text in found[0].message
 
 
 def test_check_expiring_soon_is_a_warning(pki: Pki) -> None:
-    leaf = make_cert(
+    leaf = issue_cert(
         "server.example",
         pki.leaf_key,
         ("Test Intermediate", pki.int_key),
         eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-        san="server.example",
+        sans=[x509.DNSName("server.example")],
         not_after=NOW + 3 * DAY,
     )
-    write(pki.root / "server.pem", pem(leaf, pki.intermediate))
+    write(pki.root / "server.pem", cert_pem(leaf, pki.intermediate))
     findings = check_config(load_config(pki.config()))
     assert not errors(findings)
     assert "expires soon" in messages(findings)
@@ -313,8 +262,8 @@ def test_check_key_mode_and_owner(pki: Pki) -> None:
 
 
 def test_check_chain_not_to_truststore(pki: Pki) -> None:
-    other_ca = make_cert("Other CA", make_key(), ca=True)
-    write(pki.root / "ca.pem", pem(other_ca))
+    other_ca = issue_cert("Other CA", make_key(), ca=True)
+    write(pki.root / "ca.pem", cert_pem(other_ca))
     findings = check_config(load_config(pki.config()))
     assert not errors(findings)
     (warn,) = warnings(findings)
@@ -323,19 +272,19 @@ def test_check_chain_not_to_truststore(pki: Pki) -> None:
 
 
 def test_check_chain_missing_intermediate(pki: Pki) -> None:
-    write(pki.root / "server.pem", pem(pki.leaf))
+    write(pki.root / "server.pem", cert_pem(pki.leaf))
     (warn,) = warnings(check_config(load_config(pki.config())))
     assert "no issuer found for CN=server.example" in warn.message
 
 
 def test_check_eku(pki: Pki) -> None:
-    leaf = make_cert(
+    leaf = issue_cert(
         "client.example",
         pki.leaf_key,
         ("Test Intermediate", pki.int_key),
         eku=[ExtendedKeyUsageOID.SERVER_AUTH],
     )
-    cert = write(pki.root / "client.pem", pem(leaf, pki.intermediate))
+    cert = write(pki.root / "client.pem", cert_pem(leaf, pki.intermediate))
     path = pki.root / "config"
     path.write_text(
         "[authenticate.client]\n"

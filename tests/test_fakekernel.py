@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def kernel() -> Iterator[FakeKernel]:
-    with FakeKernel() as fake:
-        yield fake
-
-
-@pytest.fixture
 def daemon(kernel: FakeKernel) -> Iterator[HandshakeNetlink]:
     netlink = kernel.make_netlink()
     netlink.open()

@@ -39,13 +39,7 @@ def busy(doc: dict) -> list[dict]:  # type: ignore[type-arg]
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[FakeKernel]:
-    with FakeKernel() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def tls_daemon(kernel: FakeKernel, pki: Pki) -> Iterator[Daemon]:
+def tls_daemon(module_kernel: FakeKernel, pki: Pki) -> Iterator[Daemon]:
     """The real engine, both roles configured; the x509 server asks for a client cert."""
     directory = short_tmpdir()
     text = config_text(directory / "status.sock", min_workers=2, max_workers=4)
@@ -54,7 +48,7 @@ def tls_daemon(kernel: FakeKernel, pki: Pki) -> Iterator[Daemon]:
         server=RoleCredentials(pki.server.cert_pem, pki.server.key_pem, pki.ca.cert_pem),
     )
     with running_daemon(
-        kernel,
+        module_kernel,
         perform_handshake,
         config=text,
         directory=directory,
@@ -91,15 +85,15 @@ def good_handshake(kernel: FakeKernel, pki: Pki, identity: object = None) -> Non
         tls.close()
 
 
-def test_good_server_handshake(kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
-    good_handshake(kernel, pki)
+def test_good_server_handshake(module_kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
+    good_handshake(module_kernel, pki)
     tls_daemon.wait_for_log("serverhello handshake succeeded")
 
 
-def test_mutual_tls_server_role(kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
+def test_mutual_tls_server_role(module_kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
     """A client certificate makes the engine report REMOTE_AUTH (UINT_MAX per
     certificate, as upstream); the supervisor must pass it on, not call it junk."""
-    tls = TlsRequest(kernel)
+    tls = TlsRequest(module_kernel)
     try:
         peer = InProcessTlsPeer(tls.client, ca=pki.ca, identity=pki.client)
         status, remote_auth = tls.request.wait_done(30)
@@ -117,9 +111,9 @@ def worker_of(daemon: Daemon, request: FakeRequest) -> int:
     return int(worker["pid"])
 
 
-def test_sigkill_mid_tls_handshake(kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
+def test_sigkill_mid_tls_handshake(module_kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
     """The peer sent half a ClientHello; the worker waits for the rest and is killed."""
-    tls = TlsRequest(kernel, timeout_ms=60000)
+    tls = TlsRequest(module_kernel, timeout_ms=60000)
     try:
         tls.client.sendall(struct.pack("!BHH", 22, 0x0301, 512) + b"\x01" * 40)
         victim = worker_of(tls_daemon, tls.request)
@@ -134,11 +128,11 @@ def test_sigkill_mid_tls_handshake(kernel: FakeKernel, tls_daemon: Daemon, pki: 
     tls_daemon.wait_for(
         lambda d: victim not in {w["pid"] for w in d["workers"]}, what="victim reaped"
     )
-    good_handshake(kernel, pki)
+    good_handshake(module_kernel, pki)
 
 
-def test_sigstop_mid_tls_handshake(kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
-    tls = TlsRequest(kernel, timeout_ms=2000)
+def test_sigstop_mid_tls_handshake(module_kernel: FakeKernel, tls_daemon: Daemon, pki: Pki) -> None:
+    tls = TlsRequest(module_kernel, timeout_ms=2000)
     try:
         victim = worker_of(tls_daemon, tls.request)
         psutil.Process(victim).suspend()
@@ -151,7 +145,7 @@ def test_sigstop_mid_tls_handshake(kernel: FakeKernel, tls_daemon: Daemon, pki: 
         lambda d: victim not in {w["pid"] for w in d["workers"]}, what="stopped worker replaced"
     )
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
-    good_handshake(kernel, pki)
+    good_handshake(module_kernel, pki)
 
 
 def _garbage(sock: socket.socket) -> None:
@@ -182,17 +176,17 @@ def _close_mid_handshake(sock: socket.socket) -> None:
     ids=["garbage", "truncated-clienthello", "nothing", "close-mid-handshake"],
 )
 def test_hostile_tls_peer_next_to_a_good_one(
-    kernel: FakeKernel, tls_daemon: Daemon, pki: Pki, behaviour, expected: set[int]
+    module_kernel: FakeKernel, tls_daemon: Daemon, pki: Pki, behaviour, expected: set[int]
 ) -> None:  # type: ignore[no-untyped-def]
-    bad = TlsRequest(kernel, timeout_ms=2500)
+    bad = TlsRequest(module_kernel, timeout_ms=2500)
     try:
         behaviour(bad.client)
-        good_handshake(kernel, pki)  # while the bad one is still in a worker
+        good_handshake(module_kernel, pki)  # while the bad one is still in a worker
         status, _ = bad.request.wait_done(20)
         assert status in expected, (status, tls_daemon.log()[-2000:])
     finally:
         bad.close()
-    good_handshake(kernel, pki)
+    good_handshake(module_kernel, pki)
 
 
 # --------------------------------------------------------------------------

@@ -410,17 +410,11 @@ def fuzz_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[FakeKernel]:
-    with FakeKernel() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def daemon(kernel: FakeKernel) -> Iterator[Daemon]:
+def daemon(module_kernel: FakeKernel) -> Iterator[Daemon]:
     directory = short_tmpdir()
     text = config_text(directory / "status.sock", min_workers=2, max_workers=4, timeout_ms=60000)
     with running_daemon(
-        kernel,
+        module_kernel,
         fuzz_engine,
         config=text,
         directory=directory,
@@ -468,22 +462,22 @@ E2E = settings(
 
 @E2E
 @given(st.binary(min_size=1, max_size=2048))
-def test_worker_writes_random_bytes(kernel: FakeKernel, daemon: Daemon, data: bytes) -> None:
+def test_worker_writes_random_bytes(module_kernel: FakeKernel, daemon: Daemon, data: bytes) -> None:
     try:
         ipc.decode(data, ipc.WORKER_OPS)
     except ipc.IpcError:
         pass
     else:
         assume(False)  # a well-formed message by chance: not junk
-    assert_junk_kills(kernel, daemon, b"r", data)
+    assert_junk_kills(module_kernel, daemon, b"r", data)
 
 
 @settings(E2E, max_examples=60)
 @given(invalid_messages())
 def test_worker_writes_invalid_messages(
-    kernel: FakeKernel, daemon: Daemon, message: dict[str, Any]
+    module_kernel: FakeKernel, daemon: Daemon, message: dict[str, Any]
 ) -> None:
-    assert_junk_kills(kernel, daemon, b"t", json.dumps(message).encode())
+    assert_junk_kills(module_kernel, daemon, b"t", json.dumps(message).encode())
 
 
 @pytest.mark.parametrize(
@@ -495,20 +489,20 @@ def test_worker_writes_invalid_messages(
     ids=["phase", "result"],
 )
 def test_worker_attaches_an_fd_to_a_valid_message(
-    kernel: FakeKernel, daemon: Daemon, message: dict[str, Any]
+    module_kernel: FakeKernel, daemon: Daemon, message: dict[str, Any]
 ) -> None:
-    assert_junk_kills(kernel, daemon, b"f", json.dumps(message).encode())
+    assert_junk_kills(module_kernel, daemon, b"f", json.dumps(message).encode())
 
 
-def test_worker_sends_an_oversized_datagram(kernel: FakeKernel, daemon: Daemon) -> None:
+def test_worker_sends_an_oversized_datagram(module_kernel: FakeKernel, daemon: Daemon) -> None:
     message = {"op": "phase", "req": REQ, "phase": "x", "peer": "p"}
-    assert_junk_kills(kernel, daemon, b"o", json.dumps(message).encode())
+    assert_junk_kills(module_kernel, daemon, b"o", json.dumps(message).encode())
 
 
-def test_worker_sends_an_empty_datagram(kernel: FakeKernel, daemon: Daemon) -> None:
+def test_worker_sends_an_empty_datagram(module_kernel: FakeKernel, daemon: Daemon) -> None:
     """On SOCK_SEQPACKET a zero-length datagram reads like EOF; the worker
     behind it is alive and must not be left running."""
-    assert_junk_kills(kernel, daemon, b"e")
+    assert_junk_kills(module_kernel, daemon, b"e")
 
 
 @pytest.mark.parametrize(
@@ -524,9 +518,9 @@ def test_worker_sends_an_empty_datagram(kernel: FakeKernel, daemon: Daemon) -> N
     ids=["ready", "foreign-serial", "six-serials", "negative", "4096", "next-req"],
 )
 def test_worker_writes_named_junk(
-    kernel: FakeKernel, daemon: Daemon, message: dict[str, Any]
+    module_kernel: FakeKernel, daemon: Daemon, message: dict[str, Any]
 ) -> None:
-    assert_junk_kills(kernel, daemon, b"t", json.dumps(message).encode())
+    assert_junk_kills(module_kernel, daemon, b"t", json.dumps(message).encode())
 
 
 @settings(E2E, max_examples=20)
@@ -542,14 +536,14 @@ def test_worker_writes_named_junk(
     st.lists(st.integers(1, 1000), max_size=3),
 )
 def test_key_requests_outside_the_scope_are_refused(
-    kernel: FakeKernel, daemon: Daemon, request: dict[str, Any], named: list[int]
+    module_kernel: FakeKernel, daemon: Daemon, request: dict[str, Any], named: list[int]
 ) -> None:
     """The request names serials 1..1000 (or none); the worker asks for
     another, or searches PSKs in a client handshake: EACCES, and it goes on."""
     if request["op"] == "key_read":
         assume(request["serial"] not in named)
     peer = Peer(
-        kernel,
+        module_kernel,
         timeout_ms=60000,
         auth_mode=AuthMode.X509 if named else AuthMode.UNAUTH,
         message_type=MsgType.CLIENTHELLO,
@@ -569,11 +563,11 @@ def test_key_requests_outside_the_scope_are_refused(
 
 
 def test_long_strings_from_an_honest_engine_are_not_junk(
-    kernel: FakeKernel, daemon: Daemon
+    module_kernel: FakeKernel, daemon: Daemon
 ) -> None:
     """An engine's result with a long detail/cipher is the worker's to trim:
     the status must reach the kernel, not EIO for a 'misbehaving' worker."""
-    peer = Peer(kernel, timeout_ms=60000)
+    peer = Peer(module_kernel, timeout_ms=60000)
     try:
         pid = instruct(peer, b"d")
         assert peer.request.wait_done(15) == (errno.EACCES, ()), daemon.log()[-2000:]
@@ -582,8 +576,8 @@ def test_long_strings_from_an_honest_engine_are_not_junk(
     assert pid in {w["pid"] for w in daemon.status()["workers"]}  # not killed
 
 
-def test_every_request_got_exactly_one_done(kernel: FakeKernel, daemon: Daemon) -> None:
-    serve_good(kernel)
-    assert kernel.requests
-    assert all(r.done_count == 1 for r in kernel.requests)
-    assert kernel.done_errors == 0
+def test_every_request_got_exactly_one_done(module_kernel: FakeKernel, daemon: Daemon) -> None:
+    serve_good(module_kernel)
+    assert module_kernel.requests
+    assert all(r.done_count == 1 for r in module_kernel.requests)
+    assert module_kernel.done_errors == 0

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakekernel import FakeKernel
+from tests.fakekernel import DEFAULT_FAMILY_ID, FakeKernel
 from tests.helpers.daemon import running_daemon, tcp_pair
 from tests.helpers.engines import Peer, gated_engine
 from tlshd import netlink as nl
@@ -33,7 +33,7 @@ from tlshd.netlink import HandshakeNetlink, NetlinkDecodeError
 from tlshd.params import HandshakeParams
 from tlshd.uapi import AcceptAttr, AuthMode, HandshakeCmd, MsgType
 
-FAMILY = 0x22  # FakeKernel's default family id
+FAMILY = DEFAULT_FAMILY_ID  # the family id the module_kernel fixture serves
 MESSAGE_TYPES = [FAMILY, nl.NLMSG_NOOP, nl.NLMSG_ERROR, nl.NLMSG_DONE, nl.NLMSG_OVERRUN, 0x10, 0]
 FLAG_BITS = [
     0,
@@ -261,14 +261,8 @@ def open_fds() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[FakeKernel]:
-    with FakeKernel(family_id=FAMILY) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def netlink(kernel: FakeKernel) -> Iterator[HandshakeNetlink]:
-    daemon = kernel.make_netlink()
+def netlink(module_kernel: FakeKernel) -> Iterator[HandshakeNetlink]:
+    daemon = module_kernel.make_netlink()
     daemon.open()
     yield daemon
     daemon.close()
@@ -286,15 +280,15 @@ FIXTURE_SETTINGS = settings(
     )
 )
 def test_junk_notifications_never_raise(
-    kernel: FakeKernel, netlink: HandshakeNetlink, junk: list[bytes]
+    module_kernel: FakeKernel, netlink: HandshakeNetlink, junk: list[bytes]
 ) -> None:
     for data in junk:
-        kernel.send_raw_notification(data)
+        module_kernel.send_raw_notification(data)
     # The fake multicasts synchronously: everything is queued already.
     netlink.read_notifications()  # may count anything; must not raise
     client, server = tcp_pair()
     with client, server:
-        request = kernel.submit(server, MsgType.CLIENTHELLO, AuthMode.UNAUTH)
+        request = module_kernel.submit(server, MsgType.CLIENTHELLO, AuthMode.UNAUTH)
         assert netlink.read_notifications().ready == 1
         params = netlink.accept()
         assert params is not None
@@ -305,14 +299,16 @@ def test_junk_notifications_never_raise(
 
 @FIXTURE_SETTINGS
 @given(extra=accept_attr_areas())
-def test_junk_in_accept_reply(kernel: FakeKernel, netlink: HandshakeNetlink, extra: bytes) -> None:
+def test_junk_in_accept_reply(
+    module_kernel: FakeKernel, netlink: HandshakeNetlink, extra: bytes
+) -> None:
     """Junk after the kernel's attributes: the request is answered exactly once
     (DONE(EIO) by the codec if it cannot be decoded), and no fd leaks."""
     extra = _without_top_level_sockfd(extra)
     before = open_fds()
     client, server = tcp_pair()
     with client, server:
-        request = kernel.submit(
+        request = module_kernel.submit(
             server, MsgType.CLIENTHELLO, AuthMode.UNAUTH, notify=False, extra_attrs=extra
         )
         try:

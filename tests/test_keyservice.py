@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import errno
 import os
 import shutil
 import struct
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +27,9 @@ from tlshd.supervisor.keyservice import (
     SupervisorKeyService,
 )
 
+from tests.conftest import unique
+from tests.helpers.certs import issue_cert
+from tests.helpers.waiting import wait_until
 from tlshd import keyring as kr
 from tlshd.keys import KeyService, KeyServiceError
 from tlshd.params import HandshakeParams
@@ -41,10 +42,6 @@ pytestmark = [
 
 NVME_RING_PERM = "0x1f1f0000"  # nvme_keyring_init: owner all but setattr, for both
 DEFAULT_KEY_PERM = 0x3F010000  # add_key(2) default for "user": others may only view
-
-
-def unique(prefix: str = "tlshd-ks") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 def ring_contents(ring: int) -> list[int]:
@@ -64,11 +61,12 @@ class Foreign:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while not self.out.exists():
+
+        def written() -> bool:
             assert self.proc.poll() is None, "keyctl helper failed"
-            assert time.monotonic() < deadline, "keyctl helper timed out"
-            time.sleep(0.02)
+            return self.out.exists()
+
+        wait_until(written, what="the keyctl helper's keyrings")
         self.values = dict(line.split("=", 1) for line in self.out.read_text().split())
 
     def __getitem__(self, name: str) -> int:
@@ -122,14 +120,6 @@ def services() -> Iterator[Callable[..., SupervisorKeyService]]:
         for serial in [*svc._linked, *svc._peer_certs]:
             with contextlib.suppress(kr.KeyringError):
                 kr.unlink_key(serial, kr.KEY_SPEC_PROCESS_KEYRING)
-
-
-@pytest.fixture
-def scratch() -> Iterator[int]:
-    ring = kr.add_key("keyring", unique("tlshd-ks-scratch"), b"", kr.KEY_SPEC_PROCESS_KEYRING)
-    yield ring
-    kr._keyctl("clear", kr.KEYCTL_CLEAR, ring)
-    kr.unlink_key(ring, kr.KEY_SPEC_PROCESS_KEYRING)
 
 
 # --- the evidence the design rests on ----------------------------------------
@@ -321,31 +311,15 @@ def test_read_key_in_served_keyring_takes_possession(
 # --- peer certificates ------------------------------------------------------
 
 
-def make_cert_der(cn: str = "peer.example") -> bytes:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 @pytest.fixture(scope="module")
 def cert_der() -> bytes:
-    return make_cert_der()
+    """A self-signed RSA peer certificate in DER, the form the kernel's
+    "asymmetric" key type takes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return issue_cert("peer.example", key).public_bytes(serialization.Encoding.DER)
 
 
 def proc_keys_timeout(serial: int) -> str:

@@ -18,12 +18,6 @@ from tests.helpers.engines import Peer, gated_engine, hoarding_engine
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def kernel():  # type: ignore[no-untyped-def]
-    with FakeKernel() as fake:
-        yield fake
-
-
 def busy(doc: dict) -> list[dict]:  # type: ignore[type-arg]
     return [w for w in doc["workers"] if w["state"] == "busy"]
 
@@ -162,14 +156,17 @@ def test_sigterm_with_requests_in_flight(kernel: FakeKernel) -> None:
 
 
 def test_sigterm_lets_in_flight_handshake_finish(kernel: FakeKernel) -> None:
+    """The handshake is released only after the supervisor has begun to stop, so
+    it can succeed only if the stopping daemon left its worker running."""
     with running_daemon(kernel, gated_engine) as daemon:
         peer = Peer(kernel, timeout_ms=30000)
         daemon.wait_for(lambda d: len(busy(d)) == 1, what="busy worker")
         daemon.signal(signal.SIGTERM)
-        time.sleep(0.3)
+        daemon.wait_for_log("stopping: 1 in flight, 0 queued")
         assert peer.release() == b"4000\n"  # inside the grace period
         assert peer.request.wait_done(10) == (0, ())
         assert daemon.wait() == 0
+        assert "did not exit; killing it" not in daemon.log()
 
 
 def test_family_missing_exits_1_with_message() -> None:

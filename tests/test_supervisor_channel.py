@@ -20,12 +20,6 @@ from tests.helpers.engines import Peer, channel_closing_engine
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def kernel():  # type: ignore[no-untyped-def]
-    with FakeKernel() as fake:
-        yield fake
-
-
 def test_worker_that_closes_its_channel_is_killed(kernel: FakeKernel) -> None:
     with running_daemon(kernel, channel_closing_engine) as daemon:
         doc = daemon.wait_for(lambda d: len(d["workers"]) == 1, what="the one idle worker")

@@ -36,20 +36,14 @@ def wait_gone(pid: int, timeout: float = 10) -> None:
 
 
 @pytest.fixture(scope="module")
-def kernel():  # type: ignore[no-untyped-def]
-    with FakeKernel() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def daemon(kernel: FakeKernel):  # type: ignore[no-untyped-def]
-    with running_daemon(kernel, junk_engine) as running:
+def daemon(module_kernel: FakeKernel):  # type: ignore[no-untyped-def]
+    with running_daemon(module_kernel, junk_engine) as running:
         yield running
 
 
 @pytest.mark.parametrize("kind", JUNK_KINDS)
-def test_junk_kills_worker_and_fails_request(kernel: FakeKernel, daemon, kind: str) -> None:  # type: ignore[no-untyped-def]
-    peer = Peer(kernel, peername=kind, timeout_ms=60000)
+def test_junk_kills_worker_and_fails_request(module_kernel: FakeKernel, daemon, kind: str) -> None:  # type: ignore[no-untyped-def]
+    peer = Peer(module_kernel, peername=kind, timeout_ms=60000)
     peer.request.wait_accepted(10)
     doc = daemon.wait_for(
         lambda d: any(w["peer"] for w in d["workers"]) or d["done"], what="request handed out"
@@ -62,13 +56,13 @@ def test_junk_kills_worker_and_fails_request(kernel: FakeKernel, daemon, kind: s
     for pid in pids:
         wait_gone(pid)  # killed, then reaped by the daemon
     # The supervisor is unaffected and still serves.
-    good = Peer(kernel)
+    good = Peer(module_kernel)
     assert good.release() == b"4000\n"
     assert good.request.wait_done(10) == (0, ())
     peer.close()
     good.close()
 
 
-def test_every_junk_request_got_exactly_one_done(kernel: FakeKernel, daemon) -> None:  # type: ignore[no-untyped-def]
-    assert all(r.done_count == 1 for r in kernel.requests if r.completed.is_set())
-    assert kernel.done_errors == 0
+def test_every_junk_request_got_exactly_one_done(module_kernel: FakeKernel, daemon) -> None:  # type: ignore[no-untyped-def]
+    assert all(r.done_count == 1 for r in module_kernel.requests if r.completed.is_set())
+    assert module_kernel.done_errors == 0

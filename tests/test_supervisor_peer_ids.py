@@ -23,12 +23,6 @@ pytestmark = pytest.mark.timeout(120)
 UINT_MAX = 0xFFFFFFFF
 
 
-@pytest.fixture
-def kernel():  # type: ignore[no-untyped-def]
-    with FakeKernel() as fake:
-        yield fake
-
-
 def test_server_handshake_passes_the_client_certificate_sentinel(kernel: FakeKernel) -> None:
     with running_daemon(kernel, verified_client_cert_engine):
         peer = Peer(kernel, message_type=MsgType.SERVERHELLO, auth_mode=AuthMode.X509)

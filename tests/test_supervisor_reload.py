@@ -18,12 +18,6 @@ from tests.helpers.engines import Peer, gated_engine
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def kernel():  # type: ignore[no-untyped-def]
-    with FakeKernel() as fake:
-        yield fake
-
-
 class NotifyListener:
     """What systemd would receive on $NOTIFY_SOCKET."""
 

@@ -34,12 +34,6 @@ def session_key():  # type: ignore[no-untyped-def]
     keyring.revoke_key(serial)
 
 
-@pytest.fixture
-def kernel():  # type: ignore[no-untyped-def]
-    with FakeKernel() as fake:
-        yield fake
-
-
 def test_supervisor_possesses_the_key(session_key: int) -> None:
     # The control: the same read succeeds in the process the daemon forks from.
     assert keyring.read_key(session_key) == b"secret"

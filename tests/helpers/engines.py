@@ -71,7 +71,9 @@ def junk_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
 
 
 class Peer:
-    """One consumer request: the loopback TCP pair and the fake kernel's request."""
+    """The remote peer of one consumer request: `client` is its end of a
+    loopback TCP pair, `server` the consumer's end, submitted to the fake kernel
+    as `request`.  (A TLS peer tool running as a process is tests.peers.PeerProcess.)"""
 
     def __init__(self, kernel: FakeKernel, **submit_args: Any) -> None:
         self.client, self.server = tcp_pair()
