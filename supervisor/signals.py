@@ -15,9 +15,15 @@ from __future__ import annotations
 import os
 import signal
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
-SIGNAL_NAMES = {
+# What signal.signal() takes and returns (typeshed calls it signal._HANDLER).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+# Keyed by int: the numbers come back from the wake-up pipe as plain ints.
+SIGNAL_NAMES: dict[int, str] = {
     signal.SIGHUP: "hup",
     signal.SIGUSR1: "usr1",
     signal.SIGINT: "int",
@@ -32,7 +38,7 @@ class SignalQueue:
         self._pending: deque[int] = deque()
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup_fd: int | None = None
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, SignalHandler] = {}
 
     def install(self) -> None:
         """Install recording handlers; must run in the main thread."""
@@ -65,7 +71,7 @@ class SignalQueue:
 
     def close(self) -> None:
         for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+            signal.signal(signum, handler)
         self._old_handlers.clear()
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)

@@ -31,7 +31,7 @@ import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypedDict, TypeVar
 
 from tlshd.params import HandshakeParams
 from tlshd.uapi import (
@@ -220,7 +220,8 @@ def parse_attrs(data: bytes) -> list[tuple[int, bytes]]:
 def _int_attr(payload: bytes, fmt: struct.Struct, name: str) -> int:
     if len(payload) != fmt.size:
         raise NetlinkDecodeError(f"attribute {name} has {len(payload)} bytes, not {fmt.size}")
-    return fmt.unpack(payload)[0]
+    value: int = fmt.unpack(payload)[0]  # every format passed here is one integer
+    return value
 
 
 def _genl_attrs(msg: NetlinkMessage) -> tuple[int, bytes]:
@@ -289,9 +290,21 @@ def _decode_certificate(nest: bytes) -> tuple[int, int]:
     return cert, privkey
 
 
+class _AcceptFields(TypedDict, total=False):
+    """The HandshakeParams fields an ACCEPT reply may carry, as decoded so far."""
+
+    message_type: int
+    timeout_ms: int
+    auth_mode: int
+    cert_serial: int
+    privkey_serial: int
+    peername: str | None
+    keyring: int
+
+
 def decode_accept_attrs(attrs: bytes) -> HandshakeParams:
     """Decode the attribute area of an ACCEPT reply; unknown attributes are ignored."""
-    fields: dict[str, object] = {}
+    fields: _AcceptFields = {}
     peer_identities: list[int] = []
     sockfd: int | None = None
     try:
@@ -320,7 +333,7 @@ def decode_accept_attrs(attrs: bytes) -> HandshakeParams:
         raise NetlinkDecodeError(str(err), sockfd) from None
     if sockfd is None:
         raise NetlinkDecodeError("ACCEPT reply without SOCKFD")
-    return HandshakeParams(sockfd=sockfd, peer_identities=tuple(peer_identities), **fields)  # type: ignore[arg-type]
+    return HandshakeParams(sockfd=sockfd, peer_identities=tuple(peer_identities), **fields)
 
 
 def decode_accept_reply(data: bytes, family_id: int | None = None) -> HandshakeParams:
