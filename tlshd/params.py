@@ -56,9 +56,3 @@ class HandshakeResult:
         data = asdict(self)
         data["remote_auth"] = list(self.remote_auth)
         return data
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> HandshakeResult:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        known["remote_auth"] = tuple(int(x) for x in known.get("remote_auth", ()))
-        return cls(**known)

@@ -4,6 +4,9 @@ Values come from the kernel's Documentation/netlink/specs/handshake.yaml,
 include/uapi/linux/handshake.h and include/uapi/linux/tls.h.  Nothing else
 belongs here.  Beware of the pre-merge draft header that had X509=2/PSK=3:
 the values below are the merged ones.
+
+The enums are written as {name: value} tables, the way the header lists them,
+so that each value can be checked against it at a glance.
 """
 
 from enum import IntEnum
@@ -18,54 +21,39 @@ NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_EXT_ACK = 11
 GENL_ID_CTRL = 0x10
 
+# HANDSHAKE_CMD_*: READY is the kernel's notification; ACCEPT and DONE are ours.
+HandshakeCmd = IntEnum("HandshakeCmd", {"READY": 1, "ACCEPT": 2, "DONE": 3})
 
-class HandshakeCmd(IntEnum):
-    READY = 1
-    ACCEPT = 2
-    DONE = 3
+# HANDSHAKE_HANDLER_CLASS_*: the multicast group a request is announced to.
+HandlerClass = IntEnum("HandlerClass", {"NONE": 0, "TLSHD": 1})
 
+# HANDSHAKE_MSG_TYPE_*: which side of the TLS handshake the consumer wants.
+MsgType = IntEnum("MsgType", {"UNSPEC": 0, "CLIENTHELLO": 1, "SERVERHELLO": 2})
 
-class HandlerClass(IntEnum):
-    NONE = 0
-    TLSHD = 1
+# HANDSHAKE_AUTH_*: how the peer is to be authenticated.
+AuthMode = IntEnum("AuthMode", {"UNSPEC": 0, "UNAUTH": 1, "PSK": 2, "X509": 3})
 
+# HANDSHAKE_A_ACCEPT_*: the attributes of an ACCEPT reply.
+AcceptAttr = IntEnum(
+    "AcceptAttr",
+    {
+        "SOCKFD": 1,
+        "HANDLER_CLASS": 2,
+        "MESSAGE_TYPE": 3,
+        "TIMEOUT": 4,
+        "AUTH_MODE": 5,
+        "PEER_IDENTITY": 6,
+        "CERTIFICATE": 7,
+        "PEERNAME": 8,
+        "KEYRING": 9,
+    },
+)
 
-class MsgType(IntEnum):
-    UNSPEC = 0
-    CLIENTHELLO = 1
-    SERVERHELLO = 2
+# HANDSHAKE_A_X509_*: nested in HANDSHAKE_A_ACCEPT_CERTIFICATE.
+X509Attr = IntEnum("X509Attr", {"CERT": 1, "PRIVKEY": 2})
 
-
-class AuthMode(IntEnum):
-    UNSPEC = 0
-    UNAUTH = 1
-    PSK = 2
-    X509 = 3
-
-
-class AcceptAttr(IntEnum):
-    SOCKFD = 1
-    HANDLER_CLASS = 2
-    MESSAGE_TYPE = 3
-    TIMEOUT = 4
-    AUTH_MODE = 5
-    PEER_IDENTITY = 6
-    CERTIFICATE = 7
-    PEERNAME = 8
-    KEYRING = 9
-
-
-class X509Attr(IntEnum):
-    CERT = 1
-    PRIVKEY = 2
-
-
-class DoneAttr(IntEnum):
-    STATUS = 1
-    SOCKFD = 2
-    REMOTE_AUTH = 3
-    TAG = 4
-
+# HANDSHAKE_A_DONE_*: the attributes of a DONE request.
+DoneAttr = IntEnum("DoneAttr", {"STATUS": 1, "SOCKFD": 2, "REMOTE_AUTH": 3, "TAG": 4})
 
 # The kernel bounds DONE's STATUS with NLA_POLICY_MAX(NLA_U32, MAX_ERRNO).
 MAX_ERRNO = 4095
@@ -79,13 +67,10 @@ TLS_TX = 1
 TLS_RX = 2
 TLS_1_3_VERSION = 0x0304
 
-
-class TlsCipher(IntEnum):
-    AES_GCM_128 = 51
-    AES_GCM_256 = 52
-    AES_CCM_128 = 53
-    CHACHA20_POLY1305 = 54
-
+# TLS_CIPHER_* (include/uapi/linux/tls.h): the ciphers kTLS offloads for TLS 1.3.
+TlsCipher = IntEnum(
+    "TlsCipher", {"AES_GCM_128": 51, "AES_GCM_256": 52, "AES_CCM_128": 53, "CHACHA20_POLY1305": 54}
+)
 
 IPPROTO_TCP = 6
 IPPROTO_QUIC = 261
