@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tlshd import netlink as nl
-from tlshd.netlink import HandshakeNetlink, NetlinkMessage
+from tlshd.netlink import HandshakeNetlink, NetlinkMessage, SocketTransport
 from tlshd.uapi import (
     GENL_ID_CTRL,
     HANDSHAKE_FAMILY_NAME,
@@ -135,7 +135,7 @@ def _genl_cmd(data: bytes) -> int | None:
     return data[16]
 
 
-class FakeTransport:
+class FakeTransport(SocketTransport):
     """The daemon's end of one fake netlink socket (a SOCK_SEQPACKET socket)."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -191,18 +191,6 @@ class FakeTransport:
                 return bytes(patched)
         os.close(fds[0])
         return data
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def setblocking(self, flag: bool) -> None:
-        self.sock.setblocking(flag)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
 
     def add_membership(self, group_id: int) -> None:
         """Join synchronously: the fake kernel confirms before READYs can flow."""

@@ -498,7 +498,25 @@ class NetlinkTransport(Protocol):
     def add_membership(self, group_id: int) -> None: ...
 
 
-class RealNetlinkTransport:
+class SocketTransport:
+    """What every transport does by passing it on to the socket it wraps."""
+
+    sock: socket.socket
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+
+class RealNetlinkTransport(SocketTransport):
     """A stdlib AF_NETLINK/NETLINK_GENERIC socket bound to a kernel-chosen portid."""
 
     def __init__(self) -> None:
@@ -526,18 +544,6 @@ class RealNetlinkTransport:
         if msg_flags & socket.MSG_TRUNC:
             raise NetlinkDecodeError("netlink datagram truncated by the receive buffer")
         return data
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def setblocking(self, flag: bool) -> None:
-        self.sock.setblocking(flag)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
 
     def add_membership(self, group_id: int) -> None:
         # setsockopt rather than bind()'s 32-bit group mask: genl group ids can exceed 31.
