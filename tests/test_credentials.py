@@ -10,6 +10,7 @@ import datetime
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -48,16 +49,24 @@ class Pki:
         self.intermediate = issue_cert(
             "Test Intermediate", self.int_key, ("Test CA", self.ca_key), ca=True
         )
-        self.leaf = issue_cert(
-            "server.example",
-            self.leaf_key,
-            ("Test Intermediate", self.int_key),
-            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-            sans=[x509.DNSName("server.example")],
-        )
+        self.leaf = self.issue_leaf()
         self.truststore = write(self.root / "ca.pem", cert_pem(self.ca))
-        self.certificate = write(self.root / "server.pem", cert_pem(self.leaf, self.intermediate))
+        self.certificate = self.write_chain(self.leaf)
         self.private_key = write(self.root / "server.key", key_pem(self.leaf_key), 0o600)
+
+    def issue_leaf(self, **changes: Any) -> x509.Certificate:
+        """The server leaf (for leaf_key, from the intermediate), with `changes`."""
+        attrs: dict[str, Any] = {
+            "eku": [ExtendedKeyUsageOID.SERVER_AUTH],
+            "sans": [x509.DNSName("server.example")],
+        }
+        return issue_cert(
+            "server.example", self.leaf_key, ("Test Intermediate", self.int_key), **attrs | changes
+        )
+
+    def write_chain(self, leaf: x509.Certificate) -> str:
+        """Make `leaf` and the intermediate the configured x509.certificate."""
+        return write(self.root / "server.pem", cert_pem(leaf, self.intermediate))
 
     def crl(self, issuer_name: str, issuer_key: ec.EllipticCurvePrivateKey) -> str:
         crl = (
@@ -204,30 +213,14 @@ def test_check_expired_and_not_yet_valid(pki: Pki) -> None:
         ({"not_before": NOW - 10 * DAY, "not_after": NOW - DAY}, "expired"),
         ({"not_before": NOW + DAY, "not_after": NOW + 10 * DAY}, "not valid before"),
     ):
-        leaf = issue_cert(
-            "server.example",
-            pki.leaf_key,
-            ("Test Intermediate", pki.int_key),
-            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-            sans=[x509.DNSName("server.example")],
-            **kwargs,
-        )
-        write(pki.root / "server.pem", cert_pem(leaf, pki.intermediate))
+        pki.write_chain(pki.issue_leaf(**kwargs))
         found = errors(check_config(load_config(pki.config())))
         assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.certificate")]
         assert text in found[0].message
 
 
 def test_check_expiring_soon_is_a_warning(pki: Pki) -> None:
-    leaf = issue_cert(
-        "server.example",
-        pki.leaf_key,
-        ("Test Intermediate", pki.int_key),
-        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-        sans=[x509.DNSName("server.example")],
-        not_after=NOW + 3 * DAY,
-    )
-    write(pki.root / "server.pem", cert_pem(leaf, pki.intermediate))
+    pki.write_chain(pki.issue_leaf(not_after=NOW + 3 * DAY))
     findings = check_config(load_config(pki.config()))
     assert not errors(findings)
     assert "expires soon" in messages(findings)

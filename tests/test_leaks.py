@@ -14,9 +14,11 @@ kTLS captured by accept_ktls).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -28,6 +30,7 @@ from tests.helpers.engines import Peer, accept_ktls, gated_engine, junk_engine
 from tests.helpers.waiting import wait_until
 from tests.peers import InProcessTlsPeer, Pki
 from tlshd.credentials import Credentials, RoleCredentials
+from tlshd.params import HandshakeResult
 from tlshd.uapi import AuthMode, MsgType
 
 pytestmark = pytest.mark.timeout(600)
@@ -95,13 +98,19 @@ def run_load(
     assert rss1 <= rss0 + RSS_SLACK, (rss0, rss1)
 
 
-def test_thousand_cheap_handshakes() -> None:
+@contextlib.contextmanager
+def small_pool_daemon(
+    kernel: FakeKernel, engine: Callable[..., HandshakeResult], **kwargs: Any
+) -> Iterator[Daemon]:
+    """Two to four workers: under load the pool grows, and workers recycle."""
     directory = short_tmpdir()
     text = config_text(directory / "status.sock", min_workers=2, max_workers=4)
-    with (
-        FakeKernel() as kernel,
-        running_daemon(kernel, gated_engine, config=text, directory=directory) as daemon,
-    ):
+    with running_daemon(kernel, engine, config=text, directory=directory, **kwargs) as daemon:
+        yield daemon
+
+
+def test_thousand_cheap_handshakes(kernel: FakeKernel) -> None:
+    with small_pool_daemon(kernel, gated_engine) as daemon:
 
         def batch() -> None:
             # Four at a time: the pool grows and requests overlap.
@@ -118,23 +127,13 @@ def test_thousand_cheap_handshakes() -> None:
         assert "recycling it" in daemon.log()  # workers were replaced along the way
 
 
-def test_hundred_real_tls_handshakes(pki: Pki) -> None:
-    directory = short_tmpdir()
-    text = config_text(directory / "status.sock", min_workers=2, max_workers=4)
+def test_hundred_real_tls_handshakes(kernel: FakeKernel, pki: Pki) -> None:
     credentials = Credentials(
         server=RoleCredentials(pki.server.cert_pem, pki.server.key_pem, pki.ca.cert_pem)
     )
-    with (
-        FakeKernel() as kernel,
-        running_daemon(
-            kernel,
-            perform_handshake,
-            config=text,
-            directory=directory,
-            credentials=credentials,
-            install_ktls=accept_ktls,
-        ) as daemon,
-    ):
+    with small_pool_daemon(
+        kernel, perform_handshake, credentials=credentials, install_ktls=accept_ktls
+    ) as daemon:
 
         def handshake() -> None:
             client, server = tcp_pair()
@@ -147,15 +146,10 @@ def test_hundred_real_tls_handshakes(pki: Pki) -> None:
         run_load(daemon, handshake, 100, "real TLS engine")
 
 
-def test_hundred_killed_workers() -> None:
+def test_hundred_killed_workers(kernel: FakeKernel) -> None:
     """Every request's worker sends junk and is killed: DONE(EIO), channel
     closed, worker reaped; nothing accumulates in the supervisor."""
-    directory = short_tmpdir()
-    text = config_text(directory / "status.sock", min_workers=2, max_workers=4)
-    with (
-        FakeKernel() as kernel,
-        running_daemon(kernel, junk_engine, config=text, directory=directory) as daemon,
-    ):
+    with small_pool_daemon(kernel, junk_engine) as daemon:
 
         def killed() -> None:
             peer = Peer(kernel, peername="not-json", timeout_ms=60000)
