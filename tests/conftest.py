@@ -15,12 +15,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.fakekernel import FakeKernel  # noqa: E402
+from tests.peers import Pki, make_pki  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """The test PKI of tests/peers.py, written once per session."""
-    from tests.peers import make_pki
 
     return make_pki(Path(tmp_path_factory.mktemp("pki")))
 
