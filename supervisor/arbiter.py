@@ -60,6 +60,7 @@ from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import MsgType
 
 from . import handoff
+from .memory import tree_memory
 from .notify import Notifier
 from .pool import (
     WORKER_BOOT_ERROR,
@@ -840,6 +841,7 @@ class Arbiter:
             "failed": self.stats.failed,
             "counters": self.stats.counters(),
             "latency_ms": self.stats.latency(),
+            "memory": tree_memory(os.getpid()),
         }
 
     @staticmethod
