@@ -132,6 +132,20 @@ def test_start_active_only_after_ready(step: Step) -> None:
     assert STATUS_RE.match(st["props"]["StatusText"]), show(st, "props")
 
 
+def test_notifications_travel_through_sdnotify(step: Step) -> None:
+    """The READY=1 systemd acted on was carried by the sdnotify package: the
+    supervisor names the transport on its first delivery (supervisor/notify.py)
+    and never logs a failed send."""
+    st = step("start")
+    lines = st["daemon_log"]
+    carried = [line for line in lines if "through sdnotify" in line]
+    print(f"\n[systemd] {carried[0] if carried else 'no sdnotify line'}")
+    assert carried, show(st, "daemon_log")
+    assert "sent to /run/systemd/notify" in carried[0], show(st, "daemon_log")
+    assert not [line for line in lines if "sd_notify to" in line], show(st, "daemon_log")
+    assert st["ready_notification"] and st["ready_from_main_pid"], show(st, "notifications")
+
+
 def test_nfs_tls_mount_under_systemd(step: Step) -> None:
     nfs = step("nfs")
     assert nfs["mount"]["rc"] == 0, show(nfs, "mount", "hs")
