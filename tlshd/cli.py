@@ -36,6 +36,7 @@ from tlshd.config import (
 USAGE = (
     "usage: tlshd [-chsv] [--check-config]\n"
     "       tlshd status [--json] [--socket PATH] [-c FILE]\n"
+    "       tlshd install-files [--root DIR]\n"
 )
 PATH_MAX = 4096
 
@@ -53,9 +54,11 @@ _OPTIONS: dict[str, tuple[str, bool]] = {
     "-j": ("json", False),
     "--json": ("json", False),
     "--socket": ("socket", True),
+    "--root": ("root", True),
 }
 _DAEMON_OPTS = ("c:hsv", ["config=", "help", "stderr", "version", "check-config"])
 _STATUS_OPTS = ("c:hj", ["config=", "help", "json", "socket="])
+_INSTALL_OPTS = ("h", ["help", "root="])
 
 log = logging.getLogger("tlshd")
 
@@ -99,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "status":
         return status_main(args[1:])
+    if args and args[0] == "install-files":
+        return install_main(args[1:])
     try:
         parsed = parse_options(args, _DAEMON_OPTS)
     except UsageError as err:
@@ -255,4 +260,30 @@ def status_main(args: Sequence[str]) -> int:
         print(json.dumps(document, indent=2, sort_keys=True))
     else:
         sys.stdout.write(render_status(document))
+    return 0
+
+
+# --- install-files -------------------------------------------------------------------
+
+
+def install_main(args: Sequence[str]) -> int:
+    """`tlshd install-files`: the unit, example config and man pages out of the wheel."""
+    from tlshd.install import InstallError, install_files
+
+    try:
+        parsed = parse_options(args, _INSTALL_OPTS)
+    except UsageError as err:
+        return _usage_error(f"install-files: {err}")
+    if parsed.get("help"):
+        sys.stderr.write(USAGE)
+        return 0
+    root = _string(parsed, "root") or "/"
+    try:
+        for line in install_files(root):
+            print(line)
+    except InstallError as err:
+        sys.stderr.write(f"tlshd install-files: {err}\n")
+        return 1
+    if root == "/":
+        print("next: systemctl daemon-reload && systemctl enable --now tlshd")
     return 0
