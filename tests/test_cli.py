@@ -366,3 +366,21 @@ def test_render_tolerates_mistyped_memory_and_pids() -> None:
     text = statusclient.render_status(doc)
     assert "memory: - PSS in 2 processes; supervisor -" in text
     assert "workers (2):" in text
+
+
+def test_status_and_install_files_leave_openssl_alone(tmp_path: Path) -> None:
+    """Neither loads OpenSSL, so neither writes a private OpenSSL file."""
+    code = (
+        "import os, sys\n"
+        "from tlshd.cli import main\n"
+        f"main(['status', '--socket', {str(tmp_path / 'none.sock')!r}])\n"
+        f"main(['install-files', '--root', {str(tmp_path / 'root')!r}])\n"
+        "loaded = [m for m in sys.modules if m.startswith(('OpenSSL', 'cryptography'))]\n"
+        "print(os.environ.get('OPENSSL_CONF'), loaded)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "TLSHD_OPENSSL_CONF")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.stdout.splitlines()[-1] == "None []", proc.stdout + proc.stderr
+    assert (tmp_path / "root/etc/systemd/system/tlshd.service").is_file()

@@ -1,19 +1,24 @@
-"""The `tlshd` command: upstream's `-c -h -s -v`, plus `--check-config` and `status`.
+"""The `tlshd` command: upstream's `-c -h -s -v`, plus `--check-config`, `status`
+and `install-files` (man page: man/tlshd.8).
 
     tlshd [-s] [-c FILE]            run the daemon in the foreground
     tlshd --check-config [-c FILE]  validate the config and every PEM file it names
     tlshd -v | -h
-    tlshd status [--json] [--socket PATH] [-c FILE]
+    tlshd status [--json] [--socket PATH] [-c FILE]   (tlshd/statusclient.py)
+    tlshd install-files [--root DIR]                  (tlshd/install.py)
 
+One option table and one parser (`parse_options`) serve every form.
 Exit codes: 0 success; 1 usage error, bad configuration, check-config errors,
-or an unreachable status socket.  As upstream, `-h` prints usage to stderr and
-exits 0.  Unlike upstream, `-v` prints to stdout (so scripts can capture it)
-and names the Python TLS stack, since that is what decides the TLS behaviour.
+an unreachable status socket, or a file install-files cannot write.  As
+upstream, `-h` prints usage to stderr and exits 0.  Unlike upstream, `-v`
+prints to stdout (so scripts can capture it) and names the Python TLS stack,
+since that is what decides the TLS behaviour.
 
 This module imports nothing that loads OpenSSL: `main` must first let
 `tlshd.openssl_conf` point OPENSSL_CONF at the daemon's own file, because
 OpenSSL reads it once, when the first import of cryptography/pyOpenSSL
-initialises the library.
+initialises the library.  `status` and `install-files` never load OpenSSL,
+so they skip it (and write no private OpenSSL file).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import tlshd
@@ -98,12 +103,10 @@ def _first_of(parsed: dict[str, str | bool], *names: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tlshd` console script and `python -m tlshd`."""
-    _ensure_openssl_conf()
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "status":
-        return status_main(args[1:])
-    if args and args[0] == "install-files":
-        return install_main(args[1:])
+    if args and args[0] in _COMMANDS:
+        return _COMMANDS[args[0]](args[1:])
+    _ensure_openssl_conf()
     try:
         parsed = parse_options(args, _DAEMON_OPTS)
     except UsageError as err:
@@ -287,3 +290,10 @@ def install_main(args: Sequence[str]) -> int:
     if root == "/":
         print("next: systemctl daemon-reload && systemctl enable --now tlshd")
     return 0
+
+
+# Commands that take the first argument; everything else is the daemon's options.
+_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "status": status_main,
+    "install-files": install_main,
+}
