@@ -19,25 +19,46 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh virtualenv with the project's wheel (no dependencies: the files
-    and the install command need none).  The wheel is built as pip builds it
-    (an isolated build environment with the setuptools pyproject.toml asks for)."""
-    tmp = tmp_path_factory.mktemp("wheel")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built as pip builds it (an isolated build environment
+    with the setuptools pyproject.toml asks for)."""
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
-         str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO)],
         check=True, timeout=240, capture_output=True,
     )  # fmt: skip
-    wheel = next((tmp / "dist").glob("tlshd-*.whl"))
-    venv = tmp / "opt-tlshd"
+    return next(dist.glob("tlshd-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh virtualenv with the wheel (no dependencies: the files and the
+    install command need none)."""
+    venv = tmp_path_factory.mktemp("wheel") / "opt-tlshd"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     subprocess.run(
         [venv / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
         check=True, timeout=240, capture_output=True,
     )  # fmt: skip
     yield venv
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_lab_guest_installer_places_data_files_as_pip_does(
+    wheel: Path, wheel_venv: Path, tmp_path: Path
+) -> None:
+    """tests/lab/guest/install_wheel.py stands in for pip in the lab guest."""
+    venv = tmp_path / "guest-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [venv / "bin" / "python", REPO / "tests/lab/guest/install_wheel.py", str(wheel)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+    by_pip = sorted(p.relative_to(wheel_venv) for p in (wheel_venv / "share").rglob("*.*"))
+    by_lab = sorted(p.relative_to(venv) for p in (venv / "share").rglob("*.*"))
+    assert by_lab == by_pip and by_pip
+    assert (venv / "bin" / "tlshd").is_file()
+    assert not list(venv.glob("lib/python*/site-packages/*.data"))
 
 
 def test_pip_install_puts_the_man_pages_and_unit_under_the_venv(wheel_venv: Path) -> None:
