@@ -17,6 +17,11 @@
 # Both stages must use the same base: the virtualenv points at the base's
 # /usr/bin/python3, and its wheels are built for that Python.
 ARG BASE_IMAGE=debian:trixie-slim
+# OCI labels (build_image.sh passes them from git): the project version, the
+# commit the image is built from, and the repository it comes from.
+ARG TLSHD_VERSION=0.1.0
+ARG TLSHD_REVISION=unknown
+ARG TLSHD_SOURCE=unknown
 
 # --- build: a wheel of the project, installed with its dependencies into a venv
 FROM ${BASE_IMAGE} AS build
@@ -33,6 +38,11 @@ COPY pyproject.toml ./
 COPY tlshd/ tlshd/
 COPY supervisor/ supervisor/
 COPY workers/ workers/
+# The wheel's data files (pyproject.toml): man pages, the unit, the example
+# config; pip puts them in /opt/tlshd/share (man pages in share/man).
+COPY man/ man/
+COPY systemd/ systemd/
+COPY etc/ etc/
 # Dependencies come as binary wheels where they exist (pure-Python sdists such
 # as sdnotify still build); there is no compiler, so a C extension without a
 # wheel fails the build instead of compiling something untested.
@@ -68,9 +78,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/tlshd/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1
+ARG TLSHD_VERSION
+ARG TLSHD_REVISION
+ARG TLSHD_SOURCE
 LABEL org.opencontainers.image.title="tlshd (dev)" \
       org.opencontainers.image.description="Linux TLS handshake daemon (Python), debug variant" \
-      org.opencontainers.image.licenses="GPL-2.0-only"
+      org.opencontainers.image.licenses="GPL-2.0-only" \
+      org.opencontainers.image.version="${TLSHD_VERSION}" \
+      org.opencontainers.image.revision="${TLSHD_REVISION}" \
+      org.opencontainers.image.source="${TLSHD_SOURCE}"
 VOLUME ["/etc/tlshd"]
 ENTRYPOINT ["/opt/tlshd/bin/tlshd"]
 CMD ["-s"]
@@ -92,9 +108,15 @@ FROM scratch AS runtime
 COPY --from=runtime-rootfs / /
 ENV PATH=/opt/tlshd/bin:/usr/sbin:/usr/bin \
     PYTHONUNBUFFERED=1
+ARG TLSHD_VERSION
+ARG TLSHD_REVISION
+ARG TLSHD_SOURCE
 LABEL org.opencontainers.image.title="tlshd" \
       org.opencontainers.image.description="Linux TLS handshake daemon (Python), drop-in for ktls-utils' tlshd" \
-      org.opencontainers.image.licenses="GPL-2.0-only"
+      org.opencontainers.image.licenses="GPL-2.0-only" \
+      org.opencontainers.image.version="${TLSHD_VERSION}" \
+      org.opencontainers.image.revision="${TLSHD_REVISION}" \
+      org.opencontainers.image.source="${TLSHD_SOURCE}"
 # Configuration, certificates and keys; mount read-only.
 VOLUME ["/etc/tlshd"]
 # No shell in this image: the health check runs the status client directly.

@@ -14,6 +14,8 @@ APT_PACKAGES=(
     qemu-system-x86 debootstrap busybox-static cpio kmod zstd xz-utils
     # the container image (tests/container) and the unit's security score
     buildah systemd
+    # the man pages render without warnings (tests/test_man.py)
+    groff-base man-db
 )
 
 missing=()

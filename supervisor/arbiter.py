@@ -49,7 +49,6 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
-from setproctitle import setproctitle
 
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
@@ -57,9 +56,11 @@ from tlshd.credentials import Credentials, CredentialsError, load_credentials
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
 from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.proctitle import set_title
 from tlshd.uapi import MsgType
 
 from . import handoff
+from .memory import tree_memory
 from .notify import Notifier
 from .pool import (
     WORKER_BOOT_ERROR,
@@ -205,7 +206,7 @@ class Arbiter:
             self.close()
 
     def start(self) -> None:
-        setproctitle("tlshd: supervisor")
+        set_title("tlshd: supervisor")
         # The supervisor's ACCEPTs and DONEs run against the consumers' timers
         # and cost little CPU: let it win the CPU over the handshakes (workers
         # go back to 0 after fork).  Unprivileged: keep the inherited value.
@@ -840,6 +841,7 @@ class Arbiter:
             "failed": self.stats.failed,
             "counters": self.stats.counters(),
             "latency_ms": self.stats.latency(),
+            "memory": tree_memory(os.getpid()),
         }
 
     @staticmethod
@@ -870,7 +872,7 @@ def run_daemon(config_path: str, config: Config, to_stderr: bool) -> int:
     from .tlsmodule import ensure_tls_module
 
     del to_stderr  # logging is already set up by the CLI
-    setproctitle("tlshd: supervisor")
+    set_title("tlshd: supervisor")
     try:
         credentials = load_credentials(config)
     except CredentialsError as err:

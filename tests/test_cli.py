@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers.certs import key_pem, make_key
 from tests.test_credentials import Pki, write
-from tlshd import cli
+from tlshd import cli, statusclient
 from tlshd.config import Config
 
 STATUS_DOC: dict[str, Any] = {
@@ -32,7 +32,7 @@ STATUS_DOC: dict[str, Any] = {
             "peer": "nfs.example (192.0.2.7)",
             "req": 17,
             "age_s": 95.0,
-            "rss_bytes": 25 * 1024 * 1024,
+            "rss_bytes": 60 * 1024 * 1024,
             "handshakes": 12,
         },
         {
@@ -57,6 +57,15 @@ STATUS_DOC: dict[str, Any] = {
         "p99": 180.25,
         "max": 300.0,
         "buckets": [[10, 50], [50, 60], [250, 9], [None, 1]],
+    },
+    "memory": {
+        "total_pss_bytes": 60 * 1024 * 1024,
+        "complete": False,
+        "processes": [
+            {"pid": 4242, "pss_bytes": 35 * 1024 * 1024},
+            {"pid": 4243, "pss_bytes": 25 * 1024 * 1024},
+            {"pid": 4244, "pss_bytes": None},
+        ],
     },
 }
 
@@ -243,10 +252,16 @@ def test_status_human(status_server: FakeStatusServer, capsys: pytest.CaptureFix
     assert "tlshd pid 4242, up 1h02m05s, config generation 3" in out
     assert "1 in flight, 0 queued, 120 done, 9 failed" in out
     row = next(line for line in out.splitlines() if "4243" in line)
+    # the PSS column comes from the memory section, not the worker's RSS (60 MiB)
     for cell in ("handshake", "nfs.example (192.0.2.7)", "17", "1m35s", "25.0 MiB", "12"):
         assert cell in row
+    assert "60.0 MiB" not in row
     idle = next(line for line in out.splitlines() if "4244" in line)
-    assert "idle" in idle and "2.0 KiB" in idle
+    assert "idle" in idle and " - " in idle
+    assert (
+        "memory: 60.0 MiB PSS in 3 processes (some processes unreadable); supervisor 35.0 MiB"
+        in out
+    )
     assert "    0  ok" in out
     assert "   13  EACCES" in out
     assert "  110  ETIMEDOUT" in out
@@ -285,7 +300,7 @@ def test_status_garbage_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_render_tolerates_sparse_document() -> None:
-    text = cli.render_status({"pid": 1})
+    text = statusclient.render_status({"pid": 1})
     assert "workers (0):" in text and "(none yet)" in text
     assert "latency (ms, 0 handshakes): p50 -" in text
 
@@ -315,3 +330,58 @@ def test_status_against_supervisor_status_server(
         server.close()
     assert json.loads(capsys.readouterr().out) == STATUS_DOC
     assert not os.path.exists(server.path)
+
+
+# --- option parsing (one parser for the daemon and `status`) ---------------------------------
+
+
+def test_first_of_help_and_version_wins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["-h", "-v"]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith("usage: tlshd") and out.out == ""
+    assert cli.main(["-s", "-v", "-h"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("tlshd ") and out.err == ""
+
+
+def test_parse_options_names_values_and_last_repeat_wins() -> None:
+    parsed = cli.parse_options(["-c", "a", "--json", "--config=b"], cli._STATUS_OPTS)
+    assert parsed == {"config": "b", "json": True}
+    with pytest.raises(cli.UsageError, match="unexpected argument 'x'"):
+        cli.parse_options(["x"], cli._DAEMON_OPTS)
+    with pytest.raises(cli.UsageError):
+        cli.parse_options(["--json"], cli._DAEMON_OPTS)  # a status option only
+
+
+def test_status_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--help"]) == 0
+    assert "tlshd status [--json]" in capsys.readouterr().err
+
+
+def test_render_tolerates_mistyped_memory_and_pids() -> None:
+    doc = {
+        "pid": [1],
+        "workers": [{"pid": {"x": 1}}, "junk"],
+        "memory": {"processes": [{"pid": [2], "pss_bytes": 5}, 7], "total_pss_bytes": "x"},
+    }
+    text = statusclient.render_status(doc)
+    assert "memory: - PSS in 2 processes; supervisor -" in text
+    assert "workers (2):" in text
+
+
+def test_status_and_install_files_leave_openssl_alone(tmp_path: Path) -> None:
+    """Neither loads OpenSSL, so neither writes a private OpenSSL file."""
+    code = (
+        "import os, sys\n"
+        "from tlshd.cli import main\n"
+        f"main(['status', '--socket', {str(tmp_path / 'none.sock')!r}])\n"
+        f"main(['install-files', '--root', {str(tmp_path / 'root')!r}])\n"
+        "loaded = [m for m in sys.modules if m.startswith(('OpenSSL', 'cryptography'))]\n"
+        "print(os.environ.get('OPENSSL_CONF'), loaded)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "TLSHD_OPENSSL_CONF")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.stdout.splitlines()[-1] == "None []", proc.stdout + proc.stderr
+    assert (tmp_path / "root/etc/systemd/system/tlshd.service").is_file()

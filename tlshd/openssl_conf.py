@@ -1,4 +1,4 @@
-"""The daemon's own OpenSSL configuration, applied before OpenSSL initialises.
+"""The daemon's OpenSSL configuration: the system's, plus NumTickets = 0.
 
 TLS 1.3 session tickets cannot be switched off through pyOpenSSL or the cffi
 bindings (SSL_CTX_set_num_tickets is not bound, and SSL_OP_NO_TICKET only turns
@@ -9,15 +9,35 @@ but it is read once, when the library initialises, i.e. at the first import of
 cryptography or pyOpenSSL.  So `ensure_openssl_conf()` must run before those
 imports: the CLI calls it first thing, tests/conftest.py at import time.
 
+Pointing OPENSSL_CONF at a file of our own replaces the file OpenSSL would
+otherwise read, and with it whatever the administrator configured there (a
+FIPS provider, a crypto policy such as RHEL's, a minimum protocol or key
+size).  So our file `.include`s that file first and then adds only
+`NumTickets = 0`, to the same `system_default` section the system file uses
+(OpenSSL reopens a section named again, and a later value of a key wins):
+every other setting stays the administrator's.  The file OpenSSL would read
+(`system_openssl_conf`) is $OPENSSL_CONF if the administrator set it, else
+`openssl.cnf` in the OPENSSLDIR compiled into the OpenSSL that cryptography
+uses.  The wheels on PyPI link their own OpenSSL, whose OPENSSLDIR is
+/opt/pyca/cryptography/openssl: that file does not exist on a normal system,
+so without $OPENSSL_CONF the wheel's OpenSSL reads no system file, with or
+without us (docs/operations.md).
+
 This module therefore imports nothing from OpenSSL or cryptography at module
-level.
+level, and finds OPENSSLDIR without loading the library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import glob
+import importlib.util
 import logging
+import mmap
 import os
+import re
 import sys
 import tempfile
 
@@ -26,25 +46,17 @@ ENV_VAR = "OPENSSL_CONF"
 # that the file in OPENSSL_CONF is ours.
 MARKER_VAR = "TLSHD_OPENSSL_CONF"
 
-CONF_TEXT = """\
-# Written by tlshd; applies to every SSL_CTX the daemon creates.
-openssl_conf = tlshd_openssl_init
-
-[tlshd_openssl_init]
-ssl_conf = tlshd_ssl_module
-
-[tlshd_ssl_module]
-system_default = tlshd_system_default
-
-[tlshd_system_default]
-# No NewSessionTickets: kernel consumers cannot use them (no resumption), and
-# tickets our server wrote would shift the kTLS TX record sequence.
-NumTickets = 0
-MinProtocol = TLSv1.3
-"""
+# What we add.  No NewSessionTickets: kernel consumers cannot use them (no
+# resumption), and tickets our server wrote would shift the kTLS TX record sequence.
+OVERRIDES = "NumTickets = 0\n"
+# Our section names, used where the system file defines none of its own.
+_INIT, _SSL, _DEFAULT = "tlshd_openssl_init", "tlshd_ssl_module", "tlshd_system_default"
 
 # Modules whose import initialises OpenSSL (cryptography's Rust extension links it).
 _OPENSSL_MODULES = ("OpenSSL", "cryptography.hazmat.bindings._rust")
+# OpenSSL_version(OPENSSL_DIR) is this string, compiled into libcrypto.
+_OPENSSLDIR_RE = re.compile(rb'OPENSSLDIR: "([^"\x00]*)"')
+_OPENSSL_DIR = 4  # OpenSSL_version() type for OPENSSLDIR
 
 _log = logging.getLogger("tlshd")
 _probe_result: bool | None = None
@@ -56,7 +68,7 @@ def openssl_loaded() -> bool:
 
 
 def ensure_openssl_conf() -> str:
-    """Write the config to a private file and point OPENSSL_CONF at it.
+    """Write our config to a private file and point OPENSSL_CONF at it.
 
     Idempotent: if OPENSSL_CONF already names our file, nothing changes.
     Returns the path.  Logs a warning if OpenSSL is already initialised, since
@@ -70,14 +82,178 @@ def ensure_openssl_conf() -> str:
             "OpenSSL was initialised before tlshd set %s; session tickets may not be disabled",
             ENV_VAR,
         )
+    text = conf_text(system_openssl_conf())
     directory = tempfile.mkdtemp(prefix="tlshd-openssl-")  # mode 0700
     path = os.path.join(directory, "openssl.cnf")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(CONF_TEXT)
+        f.write(text)
     os.environ[ENV_VAR] = path
     os.environ[MARKER_VAR] = path
     return path
+
+
+# --- which file OpenSSL would read without us ---------------------------------------
+
+
+def system_openssl_conf(environ: dict[str, str] | None = None) -> str | None:
+    """The config file OpenSSL would load if we set nothing; None if there is none.
+
+    $OPENSSL_CONF when set (and not ours), else OPENSSLDIR/openssl.cnf.
+    """
+    env = os.environ if environ is None else environ
+    current = env.get(ENV_VAR)
+    if current and env.get(MARKER_VAR) != current:
+        # The administrator's.  OpenSSL skips a missing file; an .include of one
+        # would fail our whole file, so it is left out too.
+        return current if os.path.isfile(current) else None
+    directory = openssldir()
+    if directory is None:
+        return None
+    path = os.path.join(directory, "openssl.cnf")
+    return path if os.path.isfile(path) else None
+
+
+def openssldir() -> str | None:
+    """OPENSSLDIR of the OpenSSL that cryptography uses, without initialising it.
+
+    The PyPI wheels link OpenSSL statically into cryptography's Rust extension,
+    whose binary holds the `OPENSSLDIR: "..."` string; a cryptography built
+    against a shared libcrypto (a distribution's package) does not, and that
+    libcrypto's OpenSSL_version(OPENSSL_DIR) says it (a plain getter: it does
+    not initialise the library or read any config).
+    """
+    for binary in _cryptography_binaries():
+        directory = openssldir_in_binary(binary)
+        if directory is not None:
+            return directory
+    name = ctypes.util.find_library("crypto")
+    if name is None:
+        return None
+    try:
+        libcrypto = ctypes.CDLL(name)
+        libcrypto.OpenSSL_version.restype = ctypes.c_char_p
+        libcrypto.OpenSSL_version.argtypes = [ctypes.c_int]
+        text = libcrypto.OpenSSL_version(_OPENSSL_DIR) or b""
+    except (OSError, AttributeError):
+        return None
+    match = _OPENSSLDIR_RE.search(text)
+    return os.fsdecode(match.group(1)) if match else None
+
+
+def _cryptography_binaries() -> list[str]:
+    try:
+        spec = importlib.util.find_spec("cryptography")  # does not import it
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found: list[str] = []
+    for package_dir in spec.submodule_search_locations:
+        found += sorted(glob.glob(os.path.join(package_dir, "hazmat", "bindings", "_rust*.so")))
+    return found
+
+
+def openssldir_in_binary(path: str) -> str | None:
+    """The OPENSSLDIR compiled into a binary (a statically linked OpenSSL), if any."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            match = _OPENSSLDIR_RE.search(data)
+            found = bytes(match.group(1)) if match else None
+    except (OSError, ValueError):
+        return None
+    return os.fsdecode(found) if found is not None else None
+
+
+# --- our file ------------------------------------------------------------------------
+
+
+def conf_text(system_path: str | None) -> str:
+    """Our config: the system file included as it is, then NumTickets = 0 added to
+    the `system_default` section it uses (or to sections of ours where it has none)."""
+    header = "# Written by tlshd (tlshd/openssl_conf.py).\n"
+    if system_path is None:
+        return header + _own_chain(openssl_conf=True, ssl_conf=True, system_default=True)
+    init, ssl, default = system_section_names(system_path)
+    # After an include, OpenSSL's parser stays in the included file's last
+    # section: every addition below names its section.
+    text = f"{header}# The system configuration, unchanged:\n.include {system_path}\n\n"
+    text += "# What tlshd adds:\n"
+    if default is not None:
+        return text + f"[{default}]\n{OVERRIDES}"
+    if ssl is not None:
+        return text + f"[{ssl}]\nsystem_default = {_DEFAULT}\n\n" + _own_chain(system_default=True)
+    if init is not None:
+        return (
+            text
+            + f"[{init}]\nssl_conf = {_SSL}\n\n"
+            + _own_chain(ssl_conf=True, system_default=True)
+        )
+    return text + _own_chain(openssl_conf=True, ssl_conf=True, system_default=True)
+
+
+def _own_chain(
+    *, openssl_conf: bool = False, ssl_conf: bool = False, system_default: bool = False
+) -> str:
+    parts = []
+    if openssl_conf:
+        parts.append(f"[default]\nopenssl_conf = {_INIT}\n\n[{_INIT}]\nssl_conf = {_SSL}\n")
+    if ssl_conf:
+        parts.append(f"[{_SSL}]\nsystem_default = {_DEFAULT}\n")
+    if system_default:
+        parts.append(f"[{_DEFAULT}]\n{OVERRIDES}")
+    return "\n".join(parts)
+
+
+def system_section_names(path: str) -> tuple[str | None, str | None, str | None]:
+    """(init section, ssl_conf section, system_default section) of an OpenSSL
+    config file, following `.include`; None from the first link not defined.
+
+    A small reader of OpenSSL's config syntax, enough for the three keys that
+    chain the SSL defaults (`openssl_conf`, `ssl_conf`, `system_default`).
+    """
+    sections: dict[str, dict[str, str]] = {}
+    _read_conf(path, sections, "default", depth=0)
+    init = sections.get("default", {}).get("openssl_conf")
+    ssl = sections.get(init, {}).get("ssl_conf") if init else None
+    default = sections.get(ssl, {}).get("system_default") if ssl else None
+    return init, ssl, default
+
+
+_SECTION_RE = re.compile(r"^\[\s*([^\]]*?)\s*\]")
+_INCLUDE_RE = re.compile(r"^\.include\s*=?\s*(.+?)\s*$")
+_ASSIGN_RE = re.compile(r"^([^=\s]+)\s*=\s*(.*?)\s*$")
+_MAX_INCLUDE_DEPTH = 8
+
+
+def _read_conf(path: str, sections: dict[str, dict[str, str]], section: str, depth: int) -> str:
+    """Add `path`'s assignments to `sections`; returns the section it ends in."""
+    if depth > _MAX_INCLUDE_DEPTH:
+        return section
+    if os.path.isdir(path):  # an include directory: its *.cnf and *.conf files, sorted
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".cnf", ".conf")):
+                section = _read_conf(os.path.join(path, name), sections, section, depth + 1)
+        return section
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return section
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if match := _SECTION_RE.match(line):
+            section = match.group(1)
+            sections.setdefault(section, {})
+        elif match := _INCLUDE_RE.match(line):
+            section = _read_conf(match.group(1).strip("\"'"), sections, section, depth + 1)
+        elif match := _ASSIGN_RE.match(line):
+            name, value = match.group(1), match.group(2).strip("\"'")
+            target, _, key = name.rpartition("::")
+            sections.setdefault(target or section, {})[key] = value
+    return section
 
 
 def tickets_disabled() -> bool:

@@ -32,10 +32,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from setproctitle import setproctitle
-
 from tlshd import ipc
 from tlshd.log import log
+from tlshd.proctitle import set_title
 
 from .handshake import Engine, HandshakeJob
 from .privileges import PrivilegeError, drop_privileges
@@ -73,7 +72,7 @@ class Worker:
         self.reset_signals()
         self.close_inherited_fds()
         self.init_signals()
-        setproctitle("tlshd: worker idle")
+        set_title("tlshd: worker idle")
         # Back to normal priority from the supervisor's (raising the nice
         # value needs no privilege).
         with contextlib.suppress(OSError):
@@ -156,7 +155,7 @@ class Worker:
         )
         job.run()
         self.handshakes += 1
-        setproctitle("tlshd: worker idle")
+        set_title("tlshd: worker idle")
         return True
 
     def _drain_wakeups(self) -> None:

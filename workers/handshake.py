@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from setproctitle import setproctitle
 from tlshd.workers.engine import HandshakeContext
 from tlshd.workers.ktls import install_ktls
 
@@ -33,6 +32,7 @@ from tlshd import ipc
 from tlshd.keys import KeyMaterial, KeyServiceError
 from tlshd.log import HandshakeLogAdapter, handshake_logger, log
 from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.proctitle import set_title
 from tlshd.uapi import MsgType
 
 Engine = Callable[[socket.socket, HandshakeParams, Any], HandshakeResult]
@@ -182,7 +182,7 @@ class HandshakeJob:
 
     def set_phase(self, phase: str) -> None:
         phase = phase[: ipc.MAX_PHASE_LEN]
-        setproctitle(f"tlshd: worker {self.peer} {phase}")
+        set_title(f"tlshd: worker {self.peer} {phase}")
         try:
             ipc.send_message(
                 self.channel,

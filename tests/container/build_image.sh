@@ -123,6 +123,8 @@ build() {
         "${BUILDAH[@]}" bud --quiet --layers --force-rm --format docker --network host \
             --secret id=pip_cert,src="$(pip_cert)" \
             --build-arg BASE_IMAGE="$base" --target "$target" \
+            --build-arg TLSHD_REVISION="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)" \
+            --build-arg TLSHD_SOURCE="$(git -C "$REPO" remote get-url origin 2>/dev/null || echo unknown)" \
             -t "$IMAGE:$target" -f "$REPO/Dockerfile" "$REPO" >/dev/null
     done
     # vfs stores every layer as a full copy: drop the untagged ones (the layer

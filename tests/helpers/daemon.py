@@ -32,10 +32,10 @@ from typing import Any
 import psutil
 
 from tests.fakekernel import FakeKernel
-from tlshd.cli import StatusError, fetch_status
 from tlshd.config import load_config
 from tlshd.credentials import Credentials
 from tlshd.params import HandshakeResult
+from tlshd.statusclient import StatusError, fetch_status
 
 PR_SET_CHILD_SUBREAPER = 36
 WAIT_S = 20.0

@@ -132,6 +132,24 @@ def test_start_active_only_after_ready(step: Step) -> None:
     assert STATUS_RE.match(st["props"]["StatusText"]), show(st, "props")
 
 
+def test_notifications_travel_through_sdnotify(systemd_run: GuestResult, step: Step) -> None:
+    """The notifications systemd acted on were carried by the sdnotify package:
+    the supervisor names the transport on its first delivery
+    (supervisor/notify.py), it is the main PID that READY=1 came from, and no
+    send failed during the whole scenario (reload, restart, watchdog, stop)."""
+    st = step("start")
+    journal = systemd_run.text("tlshd-journal.txt")
+    main_pid = st["main_pid"]
+    carried = [line for line in journal.splitlines() if "through sdnotify" in line]
+    print(f"\n[systemd] {carried[0] if carried else 'no sdnotify line in the journal'}")
+    assert carried, tail(journal)
+    from_main = [line for line in carried if f"tlshd[{main_pid}]:" in line]
+    assert from_main and "sent to /run/systemd/notify" in from_main[0], (main_pid, carried)
+    assert st["ready_notification"]["from_pid"] == main_pid, show(st, "ready_notification")
+    failures = [line for line in journal.splitlines() if "sd_notify to" in line]
+    assert not failures, failures
+
+
 def test_nfs_tls_mount_under_systemd(step: Step) -> None:
     nfs = step("nfs")
     assert nfs["mount"]["rc"] == 0, show(nfs, "mount", "hs")

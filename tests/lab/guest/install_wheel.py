@@ -1,9 +1,11 @@
 """Install pure-Python wheels into the running interpreter's environment.
 
 A minimal stand-in for ``pip install --no-deps --no-index`` (pip's start-up
-alone costs ~15 s under TCG): unpack into purelib, write the console scripts
-of ``entry_points.txt`` and the RECORD/INSTALLER files.  Run it with the venv's
-python: ``/opt/tlshd/bin/python install_wheel.py X.whl...``.
+alone costs ~15 s under TCG): unpack into purelib, the ``<name>.data/<scheme>/``
+trees where pip puts them (``data``: the environment's prefix, e.g. the man
+pages in share/man; ``scripts``, ``purelib``, ``platlib``), write the console
+scripts of ``entry_points.txt`` and the RECORD/INSTALLER files.  Run it with
+the venv's python: ``/opt/tlshd/bin/python install_wheel.py X.whl...``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ from pathlib import Path
 
 
 def install(wheel: Path) -> list[str]:
-    purelib = Path(sysconfig.get_paths()["purelib"])
-    scripts = Path(sysconfig.get_paths()["scripts"])
+    paths = sysconfig.get_paths()
+    purelib = Path(paths["purelib"])
+    scripts = Path(paths["scripts"])
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        if any(n.split("/")[0].endswith(".data") for n in names):
-            raise SystemExit(f"{wheel.name}: .data directories are not supported")
-        z.extractall(purelib)
+        for info in z.infolist():
+            top, _, rest = info.filename.partition("/")
+            if not top.endswith(".data"):
+                z.extract(info, purelib)
+                continue
+            scheme, _, relative = rest.partition("/")
+            if scheme not in ("data", "scripts", "purelib", "platlib") or not relative:
+                raise SystemExit(f"{wheel.name}: unsupported {info.filename}")
+            target = Path(paths[scheme]) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(info))
     distinfo = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
     made = []
     ep = purelib / distinfo / "entry_points.txt"
