@@ -180,3 +180,26 @@ def test_ipc_key_service_errors_and_deadline(pair) -> None:  # type: ignore[no-u
         keys._next_id = 2
         keys.read_key(6)
     assert info.value.errno == errno.EACCES
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 200_000,  # RecursionError inside json.loads
+        b'{"op":"phase","x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+        b'{"op":"phase","x":[[[[[1]]]]]}',  # parses, but deeper than any real message
+        b'{"op":"phase","phase":"\\ud800"}',  # lone surrogate
+        b'{"op":"phase","\\udfff":1}',  # ... as a key
+        b'{"op":"phase","n":NaN}',
+        b'{"op":"phase","n":-Infinity}',
+        b'{"op":"phase","n":' + b"9" * 5000 + b"}",  # over int's str-digits limit
+    ],
+)
+def test_decode_turns_every_hostile_input_into_ipc_error(data: bytes) -> None:
+    with pytest.raises(ipc.IpcError):
+        ipc.decode(data, ipc.WORKER_OPS)
+
+
+def test_decode_accepts_the_deepest_real_message() -> None:
+    message = {"op": "result", "req": 1, "result": {"status": 0, "remote_auth": [1, 2]}}
+    assert ipc.decode(ipc.encode(message), ipc.WORKER_OPS) == message

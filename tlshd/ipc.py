@@ -38,6 +38,8 @@ MAX_CIPHER_LEN = 64
 MAX_CERT_DER = 64 * 1024
 MAX_REMOTE_AUTH = 5  # the kernel keeps at most five REMOTE_AUTH serials
 U32_MAX = 0xFFFFFFFF
+# The deepest legitimate message is {"result": {"remote_auth": [...]}}: 3 levels.
+MAX_DEPTH = 4
 
 WORKER_OPS = frozenset({"ready", "phase", "key_read", "psk_search", "add_cert", "result"})
 KEY_OPS = frozenset({"key_read", "psk_search", "add_cert"})
@@ -55,17 +57,54 @@ def encode(message: dict[str, Any]) -> bytes:
     return data
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode(data: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
+    """The message in `data`, or IpcError: whatever the bytes, nothing else escapes.
+
+    json.loads recurses once per nesting level, so ~2 KB of "[" from a worker
+    raise RecursionError (not a ValueError); NaN/Infinity are not JSON; an
+    integer of over 4300 digits raises ValueError (sys.int_info
+    .str_digits_check_threshold).  After parsing, `_check_tree` bounds the
+    nesting and refuses strings that are not valid Unicode (a lone surrogate
+    cannot be encoded for the log or the status socket)."""
     try:
-        message = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise IpcError(f"not JSON: {err}") from None
+        message = json.loads(data, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise IpcError(f"not JSON: {str(err)[:200]}") from None
     if not isinstance(message, dict):
         raise IpcError("not a JSON object")
+    _check_tree(message)
     op = message.get("op")
     if op not in allowed_ops:
         raise IpcError(f"unknown op {op!r}")
     return message
+
+
+def _check_tree(message: dict[str, Any]) -> None:
+    """Depth at most MAX_DEPTH, every string (key or value) valid UTF-8."""
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value)
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise IpcError(f"nested deeper than {MAX_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_unicode(key)
+                stack.append((item, depth + 1))
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise IpcError("a string is not valid Unicode (lone surrogate)") from None
 
 
 def send_message(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:

@@ -66,6 +66,14 @@ def junk_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
         _send(channel, {"op": "ready", "pid": os.getpid(), "generation": 1})
     elif kind == "phase-not-string":
         _send(channel, {"op": "phase", "req": req, "phase": ["x"], "peer": "p"})
+    elif kind == "deep-nesting":
+        channel.send(b"[" * 200_000)  # json.loads raises RecursionError
+    elif kind == "deep-nesting-in-object":
+        channel.send(b'{"op":"phase","req":%d,"phase":' % req + b"[" * 100_000)
+    elif kind == "lone-surrogate":
+        channel.send(b'{"op":"phase","req":%d,"phase":"\\ud800","peer":"p"}' % req)
+    elif kind == "huge-int":
+        channel.send(b'{"op":"key_read","req":%d,"id":' % req + b"9" * 5000 + b',"serial":1}')
     time.sleep(60)
     return HandshakeResult(status=0)
 
