@@ -67,11 +67,24 @@ class PoolConfig:
     max_rss_mib: int = 256  # recycle a worker whose RSS passes this
 
 
+# Workers run under an account of their own.  Any process of the worker's uid
+# may signal or ptrace it, so a shared account such as `nobody` lets every
+# other service running as nobody kill each worker before it is ready.
+DEFAULT_WORKER_USER = "tlshd"
+# Used, with a warning, only when [worker] user is not set and the default
+# account does not exist.
+FALLBACK_WORKER_USER = "nobody"
+CREATE_WORKER_USER = (
+    "useradd --system --user-group --no-create-home --home-dir /nonexistent "
+    f"--shell /usr/sbin/nologin {DEFAULT_WORKER_USER}"
+)
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """`[worker]` (ours)."""
 
-    user: str = "nobody"
+    user: str = DEFAULT_WORKER_USER
     drop_privileges: bool = True
     # Deadline when ACCEPT carries no TIMEOUT.  nfsd gives up after 5 s
     # (SVC_HANDSHAKE_TO), so stay inside it.
@@ -379,12 +392,35 @@ def _read_worker(reader: _Reader) -> WorkerConfig:
         if not _USER_RE.match(user):
             raise ConfigError(f"{reader.where('worker', 'user')}: {user!r} is not a user name")
     return WorkerConfig(
-        user=user or d.user,
+        user=user or _default_worker_user(),
         drop_privileges=reader.boolean("worker", "drop_privileges", d.drop_privileges),
         handshake_timeout_ms=reader.integer(
             "worker", "handshake_timeout_ms", d.handshake_timeout_ms, 100, 60000
         ),
     )
+
+
+def _default_worker_user() -> str:
+    import pwd
+
+    try:
+        pwd.getpwnam(DEFAULT_WORKER_USER)
+    except KeyError:
+        return FALLBACK_WORKER_USER
+    return DEFAULT_WORKER_USER
+
+
+def _worker_user_warnings(reader: _Reader, worker: WorkerConfig) -> list[str]:
+    """The fallback to `nobody` is said at every start and reload."""
+    if reader.string("worker", "user") or not worker.drop_privileges:
+        return []
+    if worker.user != FALLBACK_WORKER_USER:
+        return []
+    return [
+        f"{reader.path}: [worker] user: the account {DEFAULT_WORKER_USER!r} does not exist, "
+        f"so workers run as {FALLBACK_WORKER_USER!r}, which other processes may share "
+        f"(and so kill or trace the workers); create it with: {CREATE_WORKER_USER}"
+    ]
 
 
 def _read_status_socket(reader: _Reader) -> str:
@@ -456,6 +492,7 @@ def load_config(path: str) -> Config:
         warnings=(),
     )
     warnings += _legacy_warnings(reader) + _unknown_warnings(reader)
+    warnings += _worker_user_warnings(reader, config.worker)
     return replace(config, warnings=tuple(warnings))
 
 

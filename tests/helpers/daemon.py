@@ -63,8 +63,9 @@ def config_text(
     return (
         "[debug]\nloglevel=1\n"
         f"[pool]\nmin_workers={min_workers}\nmax_workers={max_workers}\n"
-        f"[worker]\nhandshake_timeout_ms={timeout_ms}\nuser={user}\n"
-        f"drop_privileges={'true' if drop_privileges else 'false'}\n"
+        f"[worker]\nhandshake_timeout_ms={timeout_ms}\n"
+        + (f"user={user}\n" if user else "")  # "": the default account
+        + f"drop_privileges={'true' if drop_privileges else 'false'}\n"
         f"[status]\nsocket={status_socket}\n{extra}"
     )
 
