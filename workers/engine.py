@@ -13,8 +13,12 @@ reported once both TLS_TX and TLS_RX were installed.
 from __future__ import annotations
 
 import contextlib
+import encodings.idna
+import encodings.punycode  # noqa: F401
 import errno
+import fcntl
 import logging
+import os
 import select
 import socket
 import struct
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from OpenSSL._util import lib
 from tlshd.workers import ktls, psk, tlsctx, verify
@@ -33,6 +38,12 @@ from tlshd.keys import KeyService, KeyServiceError
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import IPPROTO_TCP, AuthMode, MsgType
 
+# Everything the engine uses is imported at module level, in the supervisor,
+# before a worker forks and drops privileges: afterwards the Python installation
+# may be unreadable to the worker's account (a pyenv under /root, mode 0700), so
+# a lazy import fails.  The `idna` codec is such a lazy import: str.encode("idna")
+# (verify.expect_peer, for a non-ASCII PEERNAME) imports encodings.idna (with
+# stringprep and unicodedata) and encodings.punycode on first use.
 # nfsd only tests REMOTE_AUTH for non-zero; upstream sends UINT_MAX per verified
 # client certificate since 1.3.0 instead of adding it to a keyring.
 X509_SERVER_PEER_ID = 0xFFFFFFFF
@@ -338,9 +349,6 @@ class _SocketOptions:
 
 
 def _fd_is_blocking(sock: socket.socket) -> bool:
-    import fcntl
-    import os
-
     return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
 
 
@@ -456,8 +464,6 @@ def _client_x509_peer_ids(req: _Request) -> tuple[int, ...]:
     assert conn is not None
     ids: list[int] = []
     for cert in conn.get_peer_cert_chain(as_cryptography=True) or []:
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         try:
             serial = req.ctx.keys.add_peer_certificate(
                 cert.public_bytes(Encoding.DER), f"TLS x509 {req.peername}"

@@ -14,6 +14,9 @@ import struct
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
+
+# At module level, not in _aead: workers cannot import after dropping privileges.
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from tlshd.uapi import SOL_TCP, SOL_TLS, TCP_ULP, TLS_1_3_VERSION, TLS_RX, TLS_TX, TlsCipher
@@ -176,8 +179,6 @@ def plaintext_alert(description: int) -> bytes:
 
 
 def _aead(suite: SuiteInfo, key: bytes):  # type: ignore[no-untyped-def]
-    from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
-
     if suite.cipher_type == TlsCipher.CHACHA20_POLY1305:
         return ChaCha20Poly1305(key)
     if suite.cipher_type == TlsCipher.AES_CCM_128:
