@@ -56,7 +56,7 @@ from tlshd.config import Config, ConfigError, load_config
 from tlshd.credentials import Credentials, CredentialsError, load_credentials
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
-from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.params import Engine, HandshakeParams, HandshakeResult
 from tlshd.uapi import MsgType
 
 from . import handoff
@@ -94,9 +94,6 @@ RSS_CHECK_INTERVAL_S = 5.0
 GRACEFUL_TIMEOUT_S = 2.0
 REAP_TIMEOUT_S = 3.0
 MAX_CONSECUTIVE_BOOT_DEATHS = 5
-X509_SERVER_PEER_ID = 0xFFFFFFFF  # tlshd.workers.engine.X509_SERVER_PEER_ID
-
-Engine = Callable[[socket.socket, HandshakeParams, Any], HandshakeResult]
 
 
 class HaltServer(Exception):
@@ -464,33 +461,28 @@ class Arbiter:
         ipc.check_req(message, self._current_req_id(worker))
         request = worker.request
         assert request is not None
-        key_request = ipc.check_key_request(message)
+        key_request = ipc.KeyRequest.from_message(message)
         reply = self.answer_key_request(worker, request, key_request)
-        if reply.get("ok") and type(reply.get("serial")) is int:
-            request.known_serials.add(reply["serial"])
+        if reply.ok and reply.serial:
+            request.known_serials.add(reply.serial)
         try:
-            ipc.send_message(worker.sock, {"op": "key_reply", "id": key_request.id, **reply})  # type: ignore[arg-type]
+            ipc.send_message(worker.sock, reply.to_message(key_request.id))  # type: ignore[arg-type]
         except (OSError, ipc.IpcError) as err:
             self.kill_worker(worker, errno.EIO, f"cannot send its key reply: {err}")
 
     def answer_key_request(
         self, worker: WorkerHandle, request: Request, key_request: ipc.KeyRequest
-    ) -> dict[str, Any]:
+    ) -> ipc.KeyReply:
         from .keyservice import RequestScope
 
         keyservice = self.generations[worker.generation].keyservice
-        scope = RequestScope.from_params(request.params)
+        if request.key_scope is None:  # one scope per request: it counts PSK searches
+            request.key_scope = RequestScope.from_params(request.params)
         try:
-            return keyservice.handle_for(scope, key_request.op, key_request.args)
+            return keyservice.answer(request.key_scope, key_request)
         except Exception:
             request.log.exception("key request %s failed", key_request.op)
-            return {
-                "ok": False,
-                "errno": errno.EIO,
-                "serial": 0,
-                "description": "",
-                "payload_b64": "",
-            }
+            return ipc.KeyReply.failure(errno.EIO)
 
     def on_result(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         ipc.check_req(message, self._current_req_id(worker))
@@ -500,7 +492,7 @@ class Arbiter:
         unknown = set(result.remote_auth) - request.known_serials
         if request.params.message_type == MsgType.SERVERHELLO:
             # An x509 server reports UINT_MAX per client certificate (no key), as upstream.
-            unknown.discard(X509_SERVER_PEER_ID)
+            unknown.discard(ipc.X509_SERVER_PEER_ID)
         if unknown:
             raise ipc.IpcError(f"remote_auth names keys {sorted(unknown)} unknown to this request")
         worker.request = None

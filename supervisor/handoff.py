@@ -20,7 +20,7 @@ import socket
 import time
 
 from tlshd import ipc
-from tlshd.log import handshake_logger, log
+from tlshd.log import handshake_logger, log, peer_name
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import MsgType
 
@@ -30,27 +30,6 @@ from .stats import CompletionStats
 # The worker is told to stop this much before the supervisor's deadline, so an
 # engine that honours its deadline reports ETIMEDOUT itself before the kill.
 WORKER_DEADLINE_MARGIN_S = 0.25
-
-
-def peer_name(sock: socket.socket, params: HandshakeParams) -> str:
-    """The consumer's peer name if it gave one, else the peer address."""
-    try:
-        address = sock.getpeername()
-    except OSError:
-        address = None
-    text = _format_address(address)
-    if params.peername:
-        return f"{params.peername} ({text})" if text else params.peername
-    return text or "unknown peer"
-
-
-def _format_address(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(address, str) and address:
-        return address
-    return ""
 
 
 def open_request(
@@ -65,7 +44,7 @@ def open_request(
         with contextlib.suppress(OSError):
             os.close(params.sockfd)
         return None
-    peer = peer_name(sock, params)
+    peer = peer_name(sock, params.peername)
     return Request(
         req_id=req_id,
         params=params,

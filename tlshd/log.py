@@ -21,6 +21,7 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -101,6 +102,24 @@ class HandshakeLogAdapter(logging.LoggerAdapter):
     ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
         return f"req={extra.get('req')} peer={extra.get('peer')}: {msg}", kwargs
+
+
+def peer_name(sock: socket.socket, peername: str | None) -> str:
+    """How logs, titles and the status socket name a request's peer: the
+    consumer's PEERNAME if it gave one, with the peer address."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        address = None
+    text = ""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        text = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    elif isinstance(address, str):
+        text = address
+    if peername:
+        return f"{peername} ({text})" if text else peername
+    return text or "unknown peer"
 
 
 def handshake_logger(req_id: int | str, peer: str | None) -> HandshakeLogAdapter:

@@ -36,8 +36,9 @@ from setproctitle import setproctitle
 
 from tlshd import ipc
 from tlshd.log import log
+from tlshd.params import Engine
 
-from .handshake import Engine, HandshakeJob
+from .handshake import HandshakeJob
 from .privileges import PrivilegeError, drop_privileges
 
 WORKER_BOOT_ERROR = 3  # same value as tlshd.supervisor.pool.WORKER_BOOT_ERROR

@@ -23,7 +23,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -34,7 +34,8 @@ from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY
 
 from tlshd.config import Config
 from tlshd.credentials import Credentials, RoleCredentials
-from tlshd.keys import KeyService, KeyServiceError
+from tlshd.ipc import MAX_REMOTE_AUTH, X509_SERVER_PEER_ID
+from tlshd.keys import KeyMaterial, KeyService, KeyServiceError
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import IPPROTO_TCP, AuthMode, MsgType
 
@@ -44,10 +45,6 @@ from tlshd.uapi import IPPROTO_TCP, AuthMode, MsgType
 # a lazy import fails.  The `idna` codec is such a lazy import: str.encode("idna")
 # (verify.expect_peer, for a non-ASCII PEERNAME) imports encodings.idna (with
 # stringprep and unicodedata) and encodings.punycode on first use.
-# nfsd only tests REMOTE_AUTH for non-zero; upstream sends UINT_MAX per verified
-# client certificate since 1.3.0 instead of adding it to a keyring.
-X509_SERVER_PEER_ID = 0xFFFFFFFF
-
 _PREMATURE_CLOSE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 
 
@@ -224,10 +221,14 @@ def _prepare_server_psk(req: _Request) -> None:
     context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
     keys, keyring = req.ctx.keys, req.params.keyring
 
-    def lookup(identity: str):  # type: ignore[no-untyped-def]
-        return keys.search_psk(identity, keyring)
+    def search(identities: Sequence[str]) -> KeyMaterial | None:
+        try:
+            return keys.search_psks(identities, keyring)
+        except KeyServiceError as err:
+            req.log.warning("PSK search failed: %s", err)
+            return None
 
-    psk.install_server_psk(context, req.state, lookup)
+    psk.install_server_psk(context, req.state, search)
     _new_connection(req, context)
 
 
@@ -451,19 +452,26 @@ def _check_psk_used(req: _Request) -> None:
 
 
 def _server_x509_peer_ids(conn: SSL.Connection) -> tuple[int, ...]:
-    """UINT_MAX per certificate the (verified) client presented; () without one."""
+    """UINT_MAX per certificate the (verified) client presented, at most
+    MAX_REMOTE_AUTH of them; () without one."""
     if conn.get_peer_certificate() is None:
         return ()
     # OpenSSL leaves the leaf out of a server's view of the peer chain
-    return (X509_SERVER_PEER_ID,) * (1 + len(conn.get_peer_cert_chain() or []))
+    count = 1 + len(conn.get_peer_cert_chain() or [])
+    return (X509_SERVER_PEER_ID,) * min(count, MAX_REMOTE_AUTH)
 
 
 def _client_x509_peer_ids(req: _Request) -> tuple[int, ...]:
-    """As upstream: each server certificate becomes an "asymmetric" key (0 on failure)."""
+    """As upstream: each server certificate becomes an "asymmetric" key.
+
+    Only the first MAX_REMOTE_AUTH certificates of the chain (leaf first) are
+    added: the kernel keeps no more.  A certificate the kernel refuses (an
+    Ed25519 key where the asymmetric key type lacks it: ENOPKG) gives no
+    serial and is left out; the verified session still succeeds."""
     conn = req.conn
     assert conn is not None
     ids: list[int] = []
-    for cert in conn.get_peer_cert_chain(as_cryptography=True) or []:
+    for cert in (conn.get_peer_cert_chain(as_cryptography=True) or [])[:MAX_REMOTE_AUTH]:
         try:
             serial = req.ctx.keys.add_peer_certificate(
                 cert.public_bytes(Encoding.DER), f"TLS x509 {req.peername}"
@@ -471,7 +479,10 @@ def _client_x509_peer_ids(req: _Request) -> tuple[int, ...]:
         except Exception as err:  # a keyring problem must not fail a verified session
             req.log.warning("cannot add peer certificate to the keyring: %s", err)
             serial = 0
-        ids.append(serial)
+        if serial:
+            ids.append(serial)
+        else:
+            req.log.warning("peer certificate %s not added to the keyring", cert.subject)
     return tuple(ids)
 
 

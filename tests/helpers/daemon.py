@@ -71,10 +71,12 @@ def config_text(
 
 
 class NullKeyService:
-    """Answers every key request with ENOKEY, records what it saw."""
+    """Answers every key request with ENOKEY."""
 
-    def handle_for(self, scope: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": False, "errno": 126, "serial": 0, "description": "", "payload_b64": ""}
+    def answer(self, scope: Any, request: Any) -> Any:
+        from tlshd.ipc import KeyReply
+
+        return KeyReply.failure(126)
 
 
 @dataclass

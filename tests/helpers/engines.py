@@ -100,25 +100,16 @@ class ScopedKeyService:
     """A SupervisorKeyService stand-in honouring the request scope: reads
     only serials named in ACCEPT, adds certificates as serial 4242."""
 
-    def handle_for(self, scope: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        import base64
+    def answer(self, scope: Any, request: Any) -> Any:
+        from tlshd.ipc import KeyReply
 
-        def reply(ok: bool, err: int = 0, serial: int = 0, payload: bytes = b"") -> dict[str, Any]:
-            return {
-                "ok": ok,
-                "errno": err,
-                "serial": serial,
-                "description": "d",
-                "payload_b64": base64.b64encode(payload).decode(),
-            }
-
-        if op == "key_read":
-            if args["serial"] not in scope.allowed_serials:
-                return reply(False, errno.EACCES, args["serial"])
-            return reply(True, 0, args["serial"], f"secret-{args['serial']}".encode())
-        if op == "add_cert":
-            return reply(True, 0, 4242)
-        return reply(False, errno.ENOKEY)
+        if request.op == "key_read":
+            if request.serial not in scope.allowed_serials:
+                return KeyReply.failure(errno.EACCES, request.serial)
+            return KeyReply(True, 0, request.serial, "d", f"secret-{request.serial}".encode())
+        if request.op == "add_cert":
+            return KeyReply(True, 0, 4242, "d")
+        return KeyReply.failure(errno.ENOKEY)
 
 
 def key_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
