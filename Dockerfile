@@ -51,10 +51,11 @@ FROM ${BASE_IMAGE} AS runtime-base
 ARG DEBIAN_FRONTEND=noninteractive
 # python3: the interpreter the venv links to.  ca-certificates: the system
 # trust store, used when no x509.truststore is configured (as upstream).
+# libseccomp2: the workers' seccomp filter (pyseccomp loads it).
 # tlshd: the workers' own account ([worker] user), shared with no other process.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && apt-get install -y --no-install-recommends python3 ca-certificates libseccomp2 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --user-group --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin tlshd

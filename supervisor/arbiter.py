@@ -138,6 +138,7 @@ class Arbiter:
         keyservice: Any = None,
         engine: Engine | None = None,
         install_ktls: Callable[[socket.socket, bytes, bytes], None] | None = None,
+        ktls_state: Callable[[socket.socket], tuple[str, bool, bool]] = handoff.ktls_state,
         notifier: Notifier | None = None,
         prepare_kernel: Callable[[], object] | None = None,
     ) -> None:
@@ -152,6 +153,7 @@ class Arbiter:
         self.netlink = netlink if netlink is not None else HandshakeNetlink()
         self.engine = engine if engine is not None else _default_engine()
         self.install_ktls = install_ktls
+        self.ktls_state = ktls_state
         self.notifier = notifier if notifier is not None else Notifier()
         self.prepare_kernel = prepare_kernel
         self.selector = selectors.DefaultSelector()
@@ -498,7 +500,7 @@ class Arbiter:
         worker.request = None
         worker.handshakes += 1
         worker.phase = ""
-        self.finish_with(request, result)
+        self.finish_with(request, handoff.checked_result(request, result, self.ktls_state))
         worker.state = WorkerState.IDLE
         worker.idle_since = time.monotonic()
         if self.stopping or worker.generation != self.generation.number:

@@ -33,7 +33,7 @@ from tlshd.supervisor.keyservice import RequestScope, SupervisorKeyService
 
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import Daemon, config_text, recv_exactly, running_daemon, short_tmpdir
-from tests.helpers.engines import Peer
+from tests.helpers.engines import Peer, fake_ktls
 from tests.test_supervisor_junk import wait_gone
 from tlshd import ipc
 from tlshd.keys import KeyServiceError
@@ -379,6 +379,7 @@ def fuzz_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
     (size,) = struct.unpack("=I", recv_exactly(sock, 4))
     payload = recv_exactly(sock, size) if size else b""
     if kind == b"g":
+        fake_ktls(sock, ctx)
         return HandshakeResult(status=0, cipher="FUZZ")
     if kind == b"d":
         return HandshakeResult(status=errno.EACCES, cipher="C" * 300, detail="why? " * 2000)
@@ -393,6 +394,7 @@ def fuzz_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
         except KeyServiceError as err:
             outcome = f"err {err.errno}"
         sock.sendall(outcome.encode() + b"\n")
+        fake_ktls(sock, ctx)
         return HandshakeResult(status=0, cipher="FUZZ")
     fds: list[int] = []
     if kind == b"r":

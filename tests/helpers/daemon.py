@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from tests.fakekernel import FakeKernel
+from tests.fakekernel import FakeKernel, fake_install_ktls, fake_ktls_state
 from tlshd.cli import StatusError, fetch_status
 from tlshd.config import load_config
 from tlshd.credentials import Credentials
@@ -199,6 +199,9 @@ def start_daemon(
         config_path.write_text(config or config_text(status_path))
     log_path = directory / "daemon.log"
     loaded = load_config(str(config_path))
+    # kTLS as the fake kernel emulates it (tests/fakekernel.py)
+    arbiter_kwargs.setdefault("install_ktls", fake_install_ktls)
+    arbiter_kwargs.setdefault("ktls_state", fake_ktls_state)
     netlink = kernel.make_netlink()
     become_subreaper()
     pid = os.fork()

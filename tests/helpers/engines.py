@@ -10,10 +10,11 @@ import json
 import os
 import select
 import socket
+import struct
 import time
 from typing import Any
 
-from tests.fakekernel import FakeKernel
+from tests.fakekernel import FakeKernel, fake_install_ktls
 from tests.helpers.daemon import recv_exactly, tcp_pair
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import AuthMode, MsgType
@@ -28,6 +29,7 @@ def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hand
     if not sock.recv(1):
         return HandshakeResult(status=errno.ECONNRESET)
     sock.sendall(f"{ctx.config.worker.handshake_timeout_ms}\n".encode())
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
 
 
@@ -125,18 +127,20 @@ def key_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Handsh
         denied = b"yes" if err.errno == errno.EACCES else b"??"
     serial = ctx.keys.add_peer_certificate(b"\x30\x03\x02\x01\x01", "peer cert")
     sock.sendall(material.payload + b" " + denied + b"\n")
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, remote_auth=(serial,), cipher="FAKE")
 
 
-def accept_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
-    """install_ktls stand-in for machines without tls.ko: checks the structs'
-    TLS 1.3 version field and installs nothing."""
-    import struct
+# install_ktls stand-in for machines without tls.ko (tests/fakekernel.py)
+accept_ktls = fake_install_ktls
+# What the fake engines hand to ctx.install_ktls: TLS 1.3, AES-128-GCM, zero keys.
+FAKE_CRYPTO_INFO = struct.pack("=HH", 0x0304, 51) + bytes(36)
 
-    for info in (tx_info, rx_info):
-        version, _cipher = struct.unpack_from("=HH", info)
-        if version != 0x0304:
-            raise OSError(errno.EINVAL, "not a TLS 1.3 crypto_info")
+
+def fake_ktls(sock: socket.socket, ctx: Any) -> None:
+    """A fake engine's success also programs (fake) kTLS, as the real one must:
+    the supervisor checks the socket before DONE(0)."""
+    ctx.install_ktls(sock, FAKE_CRYPTO_INFO, FAKE_CRYPTO_INFO)
 
 
 _HOARD: list[bytearray] = []
@@ -153,6 +157,7 @@ def verified_client_cert_engine(
 ) -> HandshakeResult:
     """Reports what the x509 server engine reports for a verified client
     certificate: UINT_MAX, a peer id that names no key (upstream's sentinel)."""
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, remote_auth=(0xFFFFFFFF,), cipher="FAKE")
 
 
@@ -167,6 +172,7 @@ def key_reading_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -
     except KeyringError:
         answer = b"DENY!"
     sock.sendall(answer)
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE")
 
 
