@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -40,9 +41,64 @@ _KEY_DESC_MAX = 4095
 
 log = logging.getLogger("tlshd")
 
+# Files the daemon reads are capped, so a hostile or mistaken path (a 50 MB
+# file of repeated keys, a log file) cannot freeze the main loop or exhaust
+# memory.  Upstream's shipped config is under 1 KiB; Debian's whole system
+# CA bundle is about 220 KB, and a CRL of a large CA some MB.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PEM_BYTES = 32 << 20
+# Warnings kept per load: a file with thousands of repeated or unknown keys
+# is said to be one in a few lines, not in thousands.
+MAX_CONFIG_WARNINGS = 50
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and key."""
+
+
+_DEV_NULL = os.makedev(1, 3)
+
+
+class FileProblem(Exception):
+    """A configured file cannot be read; the message says why (no path)."""
+
+
+def read_bounded(path: str, limit: int) -> bytes:
+    """The contents of the regular file `path`, at most `limit` bytes.
+
+    Opened with O_NONBLOCK, so a FIFO (or a device) named as a certificate or
+    config path cannot block the supervisor in open(); anything but a regular
+    file is refused before a byte is read (/dev/zero would never end), except
+    /dev/null, which reads as empty.  Raises FileProblem."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise FileProblem("file not found") from None
+    except OSError as err:
+        raise FileProblem(f"cannot open: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            raise FileProblem("is a directory")
+        if stat.S_ISCHR(mode) and st.st_rdev == _DEV_NULL:
+            return b""  # `-c /dev/null`: run on the defaults
+        if not stat.S_ISREG(mode):
+            raise FileProblem("is not a regular file (a FIFO, socket or device)")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise FileProblem(f"cannot read: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileProblem(f"is larger than {limit} bytes")
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -453,14 +509,11 @@ def _unknown_warnings(reader: _Reader) -> list[str]:
 
 def _read_file(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read configuration file: {err.strerror}") from None
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+    except FileProblem as problem:
+        if str(problem) == "file not found":
+            raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(f"{path}: configuration file: {problem}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -493,6 +546,9 @@ def load_config(path: str) -> Config:
     )
     warnings += _legacy_warnings(reader) + _unknown_warnings(reader)
     warnings += _worker_user_warnings(reader, config.worker)
+    if len(warnings) > MAX_CONFIG_WARNINGS:
+        more = len(warnings) - MAX_CONFIG_WARNINGS + 1
+        warnings[MAX_CONFIG_WARNINGS - 1 :] = [f"{path}: {more} more warnings not shown"]
     return replace(config, warnings=tuple(warnings))
 
 
