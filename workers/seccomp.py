@@ -4,7 +4,9 @@ A worker parses untrusted peer data.  If that ever gives a peer control of the
 worker, the filter keeps it inside the one handshake it serves.  It cannot:
 
 * outlive its job holding the consumer's socket: fork, vfork, clone, clone3
-  (a forked child kept NFS plaintext readable after DONE);
+  (a forked child kept NFS plaintext readable after DONE).  A worker starts no
+  threads (strace of workers running the real engine shows no clone after the
+  privilege drop), so clone is denied whatever its flags;
 * run other code: execve, execveat;
 * reach the kernel or the network on its own: socket, socketpair, connect,
   bind, listen, accept (NETLINK_GENERIC would let it send its own DONE on
