@@ -260,10 +260,6 @@ class SupervisorKeyService:
         self._possess_served()
         return kr.read_key(serial)
 
-    def search_psk(self, identity: str, keyring: int | None) -> KeyMaterial | None:
-        """The key of our key type described `identity` in the served keyrings, or None."""
-        return self.search_psks((identity,), keyring)
-
     def search_psks(self, identities: Sequence[str], keyring: int | None) -> KeyMaterial | None:
         """The key of the first of `identities` (at most MAX_PSK_IDENTITIES of
         them) found in the served keyrings, or None.  The keyrings are resolved

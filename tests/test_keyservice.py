@@ -154,7 +154,7 @@ def test_foreign_key_needs_possession(foreign: Callable[[str], Foreign]) -> None
     assert search_in_fresh_process() == errno.EACCES
 
 
-# --- search_psk ---------------------------------------------------------------
+# --- search_psks --------------------------------------------------------------
 
 
 def test_is_a_key_service() -> None:
@@ -166,7 +166,7 @@ def test_is_a_key_service() -> None:
 
 def test_psk_type_absent_on_this_kernel_is_just_not_found() -> None:
     svc = SupervisorKeyService([])  # type "psk", .nvme/.nfs/.nfsd probably absent
-    assert svc.search_psk(unique("NVMe0R01"), None) is None
+    assert svc.search_psks([unique("NVMe0R01")], None) is None
 
 
 def test_search_configured_keyring_by_name(
@@ -175,7 +175,7 @@ def test_search_configured_keyring_by_name(
     name, ident = unique(), unique("NVMe0R01") + " nqn.host nqn.subsys"
     f = foreign(nvme_like_script(name, ("key", ident, "s3cret")))
     svc = services([name])
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None
     assert (found.serial, found.description, found.payload) == (f["key"], ident, b"s3cret")
     assert f["ring"] in ring_contents(kr.get_keyring_id(kr.KEY_SPEC_PROCESS_KEYRING))
@@ -187,7 +187,7 @@ def test_search_kernel_keyring_names(
     fake_nvme, ident = unique("nvme"), unique("NVMe1R02")
     f = foreign(nvme_like_script(fake_nvme, ("key", ident, "k")))
     svc = services([], kernel_keyrings=(fake_nvme,))
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None and found.serial == f["key"]
 
 
@@ -197,7 +197,7 @@ def test_configured_keyring_given_by_serial(
     ident = unique("NVMe0R01")
     f = foreign(nvme_like_script(unique(), ("key", ident, "k")))
     for spec in (str(f["ring"]), hex(f["ring"])):
-        found = services([spec]).search_psk(ident, None)
+        found = services([spec]).search_psks([ident], None)
         assert found is not None and found.serial == f["key"]
 
 
@@ -206,9 +206,9 @@ def test_keyring_created_after_construction_is_found(
 ) -> None:
     name, ident = unique("nfsd"), unique("id")
     svc = services([], kernel_keyrings=(name,))
-    assert svc.search_psk(ident, None) is None  # the module is not "loaded" yet
+    assert svc.search_psks([ident], None) is None  # the module is not "loaded" yet
     f = foreign(nvme_like_script(name, ("key", ident, "late")))
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None and found.payload == b"late" and found.serial == f["key"]
 
 
@@ -218,13 +218,13 @@ def test_recreated_keyring_is_found_again(
     name, ident = unique("nfs"), unique("id")
     first = foreign(nvme_like_script(name, ("key", ident, "one")))
     svc = services([name])
-    assert svc.search_psk(ident, None).payload == b"one"  # type: ignore[union-attr]
+    assert svc.search_psks([ident], None).payload == b"one"  # type: ignore[union-attr]
     first.stop()
     # our process-keyring link keeps the old ring alive: revoke it, as a module
     # unload does (nvme_keyring_exit revokes .nvme)
     kr.revoke_key(first["ring"])
     second = foreign(nvme_like_script(name, ("key", ident, "two")))
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None and (found.serial, found.payload) == (second["key"], b"two")
 
 
@@ -235,8 +235,8 @@ def test_request_keyring_is_searched_first(
     configured = foreign(nvme_like_script(unique(), ("key", ident, "configured")))
     request = foreign(nvme_like_script(unique(), ("key", ident, "request")))
     svc = services([str(configured["ring"])])
-    assert svc.search_psk(ident, None).payload == b"configured"  # type: ignore[union-attr]
-    found = svc.search_psk(ident, request["ring"])
+    assert svc.search_psks([ident], None).payload == b"configured"  # type: ignore[union-attr]
+    found = svc.search_psks([ident], request["ring"])
     assert found is not None and found.serial == request["key"]
 
 
@@ -248,8 +248,8 @@ def test_search_misses(
     unserved_ident = unique("id")
     foreign(nvme_like_script(unique(), ("key", unserved_ident, "y")))
     svc = services([str(served["ring"]), unique("absent-ring")])
-    assert svc.search_psk(ident + "-other", None) is None
-    assert svc.search_psk(unserved_ident, None) is None  # only served keyrings
+    assert svc.search_psks([ident + "-other"], None) is None
+    assert svc.search_psks([unserved_ident], None) is None  # only served keyrings
 
 
 def test_search_own_process_keyring(
@@ -257,7 +257,7 @@ def test_search_own_process_keyring(
 ) -> None:
     ident = unique("id")
     serial = kr.add_key("user", ident, b"mine", scratch)
-    found = services([]).search_psk(ident, None)
+    found = services([]).search_psks([ident], None)
     assert found is not None and found.serial == serial
 
 
