@@ -243,3 +243,23 @@ def test_ipc_key_service_leaves_out_what_cannot_be_asked(tmp_path: Path) -> None
         supervisor.recv(1)
     worker.close()
     supervisor.close()
+
+
+def test_ipc_key_service_does_not_ask_for_impossible_serials() -> None:
+    """A serial from ACCEPT that no key can have (0, over 2^31-1) is ENOKEY in
+    the worker; asked for, the supervisor would take the worker for hostile."""
+    from tlshd.workers.handshake import IpcKeyService
+
+    from tlshd.keys import KeyServiceError
+
+    worker, supervisor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    keys = IpcKeyService(worker, req_id=1, deadline=float("inf"))
+    for serial in (0, -1, 2**31, 2**32 - 1):
+        with pytest.raises(KeyServiceError) as info:
+            keys.read_key(serial)
+        assert info.value.errno == errno.ENOKEY
+    supervisor.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        supervisor.recv(1)
+    worker.close()
+    supervisor.close()

@@ -50,6 +50,8 @@ class IpcKeyService:
         self._next_id = 1
 
     def read_key(self, serial: int) -> KeyMaterial:
+        if not 0 < serial <= ipc.MAX_SERIAL:  # from ACCEPT: no key has it
+            raise KeyServiceError(f"key {serial}: not a key serial", errno.ENOKEY)
         reply = self._ask(ipc.KeyRequest("key_read", serial=serial))
         if not reply.ok:
             raise self._error(reply, f"key {serial}")
