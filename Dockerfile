@@ -61,10 +61,14 @@ FROM ${BASE_IMAGE} AS runtime-base
 ARG DEBIAN_FRONTEND=noninteractive
 # python3: the interpreter the venv links to.  ca-certificates: the system
 # trust store, used when no x509.truststore is configured (as upstream).
+# libseccomp2: the workers' seccomp filter (pyseccomp loads it).
+# tlshd: the workers' own account ([worker] user), shared with no other process.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends python3 ca-certificates libseccomp2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin tlshd
 COPY --from=build /opt/tlshd /opt/tlshd
 # A minimal configuration (every key commented out); mount your own over it.
 COPY etc/config.example /etc/tlshd/config
@@ -123,7 +127,7 @@ VOLUME ["/etc/tlshd"]
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
     CMD ["/opt/tlshd/bin/tlshd", "status"]
 # Root is required (CAP_NET_ADMIN for the handshake netlink family, root's
-# kernel keyrings); workers drop to [worker] user (nobody) with no capabilities.
+# kernel keyrings); workers drop to [worker] user (tlshd) with no capabilities.
 # hadolint ignore=DL3002
 USER 0:0
 ENTRYPOINT ["/opt/tlshd/bin/tlshd"]

@@ -31,6 +31,18 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# The workers' own account (tlshd.config.DEFAULT_WORKER_USER), as on a server:
+# the daemon tests drop privileges to it, and configs that leave [worker] user
+# unset would otherwise carry the "falls back to nobody" warning.
+if ! getent passwd tlshd >/dev/null; then
+    if [[ $(id -u) -eq 0 ]]; then
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin tlshd
+    else
+        echo "setup.sh: no 'tlshd' account; as root: useradd --system tlshd" >&2
+    fi
+fi
+
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi

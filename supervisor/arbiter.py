@@ -55,7 +55,7 @@ from tlshd.config import Config, ConfigError, load_config
 from tlshd.credentials import Credentials, CredentialsError, load_credentials
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
-from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.params import Engine, HandshakeParams, HandshakeResult
 from tlshd.proctitle import set_title
 from tlshd.uapi import MsgType
 
@@ -95,9 +95,6 @@ RSS_CHECK_INTERVAL_S = 5.0
 GRACEFUL_TIMEOUT_S = 2.0
 REAP_TIMEOUT_S = 3.0
 MAX_CONSECUTIVE_BOOT_DEATHS = 5
-X509_SERVER_PEER_ID = 0xFFFFFFFF  # tlshd.workers.engine.X509_SERVER_PEER_ID
-
-Engine = Callable[[socket.socket, HandshakeParams, Any], HandshakeResult]
 
 
 class HaltServer(Exception):
@@ -142,6 +139,7 @@ class Arbiter:
         keyservice: Any = None,
         engine: Engine | None = None,
         install_ktls: Callable[[socket.socket, bytes, bytes], None] | None = None,
+        ktls_state: Callable[[socket.socket], tuple[str, bool, bool]] = handoff.ktls_state,
         notifier: Notifier | None = None,
         prepare_kernel: Callable[[], object] | None = None,
     ) -> None:
@@ -156,6 +154,7 @@ class Arbiter:
         self.netlink = netlink if netlink is not None else HandshakeNetlink()
         self.engine = engine if engine is not None else _default_engine()
         self.install_ktls = install_ktls
+        self.ktls_state = ktls_state
         self.notifier = notifier if notifier is not None else Notifier()
         self.prepare_kernel = prepare_kernel
         self.selector = selectors.DefaultSelector()
@@ -465,33 +464,28 @@ class Arbiter:
         ipc.check_req(message, self._current_req_id(worker))
         request = worker.request
         assert request is not None
-        key_request = ipc.check_key_request(message)
+        key_request = ipc.KeyRequest.from_message(message)
         reply = self.answer_key_request(worker, request, key_request)
-        if reply.get("ok") and type(reply.get("serial")) is int:
-            request.known_serials.add(reply["serial"])
+        if reply.ok and reply.serial:
+            request.known_serials.add(reply.serial)
         try:
-            ipc.send_message(worker.sock, {"op": "key_reply", "id": key_request.id, **reply})  # type: ignore[arg-type]
+            ipc.send_message(worker.sock, reply.to_message(key_request.id))  # type: ignore[arg-type]
         except (OSError, ipc.IpcError) as err:
             self.kill_worker(worker, errno.EIO, f"cannot send its key reply: {err}")
 
     def answer_key_request(
         self, worker: WorkerHandle, request: Request, key_request: ipc.KeyRequest
-    ) -> dict[str, Any]:
+    ) -> ipc.KeyReply:
         from .keyservice import RequestScope
 
         keyservice = self.generations[worker.generation].keyservice
-        scope = RequestScope.from_params(request.params)
+        if request.key_scope is None:  # one scope per request: it counts PSK searches
+            request.key_scope = RequestScope.from_params(request.params)
         try:
-            return keyservice.handle_for(scope, key_request.op, key_request.args)
+            return keyservice.answer(request.key_scope, key_request)
         except Exception:
             request.log.exception("key request %s failed", key_request.op)
-            return {
-                "ok": False,
-                "errno": errno.EIO,
-                "serial": 0,
-                "description": "",
-                "payload_b64": "",
-            }
+            return ipc.KeyReply.failure(errno.EIO)
 
     def on_result(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         ipc.check_req(message, self._current_req_id(worker))
@@ -501,13 +495,13 @@ class Arbiter:
         unknown = set(result.remote_auth) - request.known_serials
         if request.params.message_type == MsgType.SERVERHELLO:
             # An x509 server reports UINT_MAX per client certificate (no key), as upstream.
-            unknown.discard(X509_SERVER_PEER_ID)
+            unknown.discard(ipc.X509_SERVER_PEER_ID)
         if unknown:
             raise ipc.IpcError(f"remote_auth names keys {sorted(unknown)} unknown to this request")
         worker.request = None
         worker.handshakes += 1
         worker.phase = ""
-        self.finish_with(request, result)
+        self.finish_with(request, handoff.checked_result(request, result, self.ktls_state))
         worker.state = WorkerState.IDLE
         worker.idle_since = time.monotonic()
         if self.stopping or worker.generation != self.generation.number:

@@ -18,11 +18,12 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from tlshd import ipc
-from tlshd.log import handshake_logger, log
+from tlshd.log import handshake_logger, log, peer_name
 from tlshd.params import HandshakeParams, HandshakeResult
-from tlshd.uapi import MsgType
+from tlshd.uapi import SOL_TCP, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, MsgType
 
 from .queue import Request
 from .stats import CompletionStats
@@ -30,27 +31,8 @@ from .stats import CompletionStats
 # The worker is told to stop this much before the supervisor's deadline, so an
 # engine that honours its deadline reports ETIMEDOUT itself before the kill.
 WORKER_DEADLINE_MARGIN_S = 0.25
-
-
-def peer_name(sock: socket.socket, params: HandshakeParams) -> str:
-    """The consumer's peer name if it gave one, else the peer address."""
-    try:
-        address = sock.getpeername()
-    except OSError:
-        address = None
-    text = _format_address(address)
-    if params.peername:
-        return f"{params.peername} ({text})" if text else params.peername
-    return text or "unknown peer"
-
-
-def _format_address(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(address, str) and address:
-        return address
-    return ""
+TCP_ULP_NAME_MAX = 16  # include/net/tcp.h
+TLS_CRYPTO_INFO_SIZE = 4  # struct tls_crypto_info: u16 version, u16 cipher_type
 
 
 def open_request(
@@ -65,7 +47,7 @@ def open_request(
         with contextlib.suppress(OSError):
             os.close(params.sockfd)
         return None
-    peer = peer_name(sock, params)
+    peer = peer_name(sock, params.peername)
     return Request(
         req_id=req_id,
         params=params,
@@ -90,6 +72,51 @@ def pair_key(sock: socket.socket, params: HandshakeParams) -> tuple[object, obje
     if params.message_type == MsgType.SERVERHELLO:
         return (remote, local)
     return (local, remote)
+
+
+def ktls_state(sock: socket.socket) -> tuple[str, bool, bool]:
+    """(TCP_ULP name, TLS_TX installed, TLS_RX installed), read on our own copy.
+
+    TCP_ULP reads back the ULP's name, empty without one (tcp_getsockopt).
+    SOL_TLS TLS_TX/TLS_RX fail with EBUSY until that direction's crypto_info
+    is set (tls_getsockopt_conf); with a 4-byte buffer the kernel copies only
+    struct tls_crypto_info (version, cipher), never the key."""
+    try:
+        ulp = sock.getsockopt(SOL_TCP, TCP_ULP, TCP_ULP_NAME_MAX).split(b"\0", 1)[0]
+    except OSError:
+        return "", False, False
+    return ulp.decode("ascii", "replace"), _tls_set(sock, TLS_TX), _tls_set(sock, TLS_RX)
+
+
+def _tls_set(sock: socket.socket, direction: int) -> bool:
+    try:
+        sock.getsockopt(SOL_TLS, direction, TLS_CRYPTO_INFO_SIZE)
+    except OSError:
+        return False
+    return True
+
+
+def checked_result(
+    request: Request,
+    result: HandshakeResult,
+    state: Callable[[socket.socket], tuple[str, bool, bool]] = ktls_state,
+) -> HandshakeResult:
+    """`result`, unless it claims success on a socket without kTLS: then EIO.
+
+    A worker may be compromised and report success without programming kTLS;
+    the consumer would then send plaintext on a socket it believes encrypted."""
+    if result.status != 0:
+        return result
+    ulp, tx, rx = state(request.sock)
+    if ulp == "tls" and tx and rx:
+        return result
+    request.log.error(
+        "worker reported success, but the socket has ULP %r, TLS_TX %s, TLS_RX %s",
+        ulp,
+        "set" if tx else "unset",
+        "set" if rx else "unset",
+    )
+    return HandshakeResult(status=errno.EIO, detail="kTLS is not installed on the socket")
 
 
 def handshake_message(request: Request, now: float) -> dict[str, object]:

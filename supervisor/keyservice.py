@@ -67,17 +67,15 @@ Peer certificates
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import errno
 import logging
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from tlshd import keyring as kr
+from tlshd.ipc import MAX_PSK_IDENTITIES, KeyReply, KeyRequest
 from tlshd.keys import KeyMaterial, KeyServiceError
 from tlshd.params import HandshakeParams
 from tlshd.uapi import AuthMode, MsgType
@@ -87,9 +85,6 @@ log = logging.getLogger("tlshd.keyservice")
 KERNEL_KEYRINGS = (".nvme", ".nfs", ".nfsd")
 PEER_CERT_TIMEOUT_S = 300
 MAX_PEER_CERTS = 256
-MAX_DESCRIPTION = 4095  # key descriptions are limited to a page, NUL included
-MAX_CERT_DER = 64 * 1024
-MAX_SERIAL = 2**31 - 1
 MAX_LINK_MEMO = 1024  # forgetting a link only costs a redundant KEYCTL_LINK
 
 # errno values a key lookup can legitimately end with; anything else is EIO.
@@ -98,13 +93,33 @@ _KEY_ERRNOS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestScope:
-    """What one handshake's worker may ask for, derived from its ACCEPT."""
+    """What one handshake's worker may ask for, derived from its ACCEPT.
+
+    Threat model: the worker parses peer data and may be compromised; then it
+    can send any well-formed key request.  Key material must only reach it as
+    far as the request it serves needs:
+
+    * ``key_read`` only of the serials the kernel named in this ACCEPT;
+    * ``psk_search`` only in a PSK *server* request, only in this request's
+      keyring besides the daemon's own, and only ONCE per request, for at
+      most MAX_PSK_IDENTITIES identities: the ones the peer's ClientHello
+      offered.  The supervisor never sees the ClientHello (the worker reads
+      it off the socket), so it cannot check that list; the once-per-request
+      rule makes the worker commit to it before it learns anything, and bounds
+      what a compromised worker can look up with one request to what a
+      ClientHello of MAX_PSK_IDENTITIES identities would have found.  With
+      single-use workers, a worker never serves a second request.
+
+    One scope lives as long as its request (the arbiter keeps it on the
+    Request), so `psk_searched` counts across the worker's requests.
+    """
 
     allowed_serials: frozenset[int] = frozenset()
     keyring: int | None = None
     psk_search: bool = False
+    psk_searched: bool = False
 
     @classmethod
     def from_params(cls, params: HandshakeParams) -> RequestScope:
@@ -112,40 +127,6 @@ class RequestScope:
         serials.discard(0)
         psk_server = params.message_type == MsgType.SERVERHELLO and params.auth_mode == AuthMode.PSK
         return cls(frozenset(serials), params.keyring or None, psk_server)
-
-
-def _reply(
-    ok: bool = False,
-    err: int = 0,
-    serial: int = 0,
-    description: str = "",
-    payload: bytes = b"",
-) -> dict[str, Any]:
-    return {
-        "ok": ok,
-        "errno": err,
-        "serial": serial,
-        "description": description,
-        "payload_b64": base64.b64encode(payload).decode("ascii"),
-    }
-
-
-def _material_reply(material: KeyMaterial | None) -> dict[str, Any]:
-    if material is None:
-        return _reply(err=errno.ENOKEY)
-    return _reply(True, 0, material.serial, material.description, material.payload)
-
-
-def _is_serial(value: object) -> bool:
-    return type(value) is int and 0 < value <= MAX_SERIAL
-
-
-def _is_text(value: object, limit: int = MAX_DESCRIPTION) -> bool:
-    return (
-        type(value) is str
-        and 0 < len(value.encode("utf-8", "surrogatepass")) <= limit
-        and "\0" not in value
-    )
 
 
 class SupervisorKeyService:
@@ -170,22 +151,63 @@ class SupervisorKeyService:
 
     # --- keyring resolution and possession ----------------------------------
 
-    def _resolve(self, name: str) -> int | None:
-        """Serial of keyring `name` now; a cached serial is re-checked first."""
-        cached = self._resolved.get(name)
-        if cached is not None:
-            if kr.is_keyring_named(cached, name):
-                return cached
-            del self._resolved[name]
-            self._linked.discard(cached)
+    def _resolve_all(self) -> dict[str, int]:
+        """Serials of the served keyrings now, by name, reading /proc/keys at most once.
+
+        A cached serial is re-checked with KEYCTL_DESCRIBE; names not (or no
+        longer) resolved are looked up together in one pass over /proc/keys,
+        since the kernel's keyrings may appear at any time (.nfs/.nfsd when
+        their modules load).  Specs that are not plain names (@u, serials) go
+        through kr.resolve_keyring."""
+        resolved: dict[str, int] = {}
+        by_name: list[str] = []
+        for name in self.keyring_names:
+            cached = self._resolved.get(name)
+            if cached is not None:
+                if kr.is_keyring_named(cached, name):
+                    resolved[name] = cached
+                    continue
+                del self._resolved[name]
+                self._linked.discard(cached)
+            if name in kr.SPECIAL_KEYRINGS or kr.parse_serial(name) is not None:
+                serial = self._resolve_spec(name)
+                if serial is not None:
+                    resolved[name] = serial
+            else:
+                by_name.append(name)
+        if by_name:
+            found = self._find_keyrings(by_name)
+            self._resolved.update(found)
+            resolved.update(found)
+        return resolved
+
+    @staticmethod
+    def _resolve_spec(name: str) -> int | None:
         try:
-            serial = kr.resolve_keyring(name)
+            return kr.resolve_keyring(name)
         except kr.KeyringError as exc:
             log.warning("keyring %s: %s", name, exc.strerror)
             return None
-        if serial is not None and serial > 0:
-            self._resolved[name] = serial
-        return serial
+
+    @staticmethod
+    def _find_keyrings(names: Sequence[str]) -> dict[str, int]:
+        """One pass over /proc/keys: the first listed keyring of each name,
+        confirmed with KEYCTL_DESCRIBE (as kr.find_keyring_by_name)."""
+        wanted = set(names)
+        found: dict[str, int] = {}
+        try:
+            for key in kr.iter_proc_keys():
+                name = key.description
+                if (
+                    key.type == "keyring"
+                    and name in wanted
+                    and name not in found
+                    and kr.is_keyring_named(key.serial, name)
+                ):
+                    found[name] = key.serial
+        except kr.KeyringError as exc:
+            log.warning("cannot list keyrings: %s", exc.strerror)
+        return found
 
     def _possess(self, ring: int) -> None:
         """Link `ring` into our private process keyring so its keys are possessed."""
@@ -205,10 +227,8 @@ class SupervisorKeyService:
         rings: list[int] = []
         if request_keyring:
             rings.append(request_keyring)
-        for name in self.keyring_names:
-            serial = self._resolve(name)
-            if serial is not None:
-                rings.append(serial)
+        resolved = self._resolve_all()
+        rings += [resolved[name] for name in self.keyring_names if name in resolved]
         rings += [kr.KEY_SPEC_PROCESS_KEYRING, kr.KEY_SPEC_SESSION_KEYRING]
         return list(dict.fromkeys(rings))
 
@@ -240,20 +260,24 @@ class SupervisorKeyService:
         self._possess_served()
         return kr.read_key(serial)
 
-    def search_psk(self, identity: str, keyring: int | None) -> KeyMaterial | None:
-        """The key of our key type described `identity` in the served keyrings, or None."""
-        for ring in self._possess_served(keyring):
-            try:
-                serial = kr.search_keyring(ring, self.key_type, identity)
-            except kr.KeyringError as exc:
-                log.debug("search of keyring %d for %r: %s", ring, identity, exc.strerror)
-                continue
-            if serial is None:
-                continue
-            try:
-                return self.read_key(serial)
-            except KeyServiceError as exc:
-                log.warning("PSK %r (key %d) found but unreadable: %s", identity, serial, exc)
+    def search_psks(self, identities: Sequence[str], keyring: int | None) -> KeyMaterial | None:
+        """The key of the first of `identities` (at most MAX_PSK_IDENTITIES of
+        them) found in the served keyrings, or None.  The keyrings are resolved
+        once for all of them."""
+        rings = self._possess_served(keyring)
+        for identity in identities[:MAX_PSK_IDENTITIES]:
+            for ring in rings:
+                try:
+                    serial = kr.search_keyring(ring, self.key_type, identity)
+                except kr.KeyringError as exc:
+                    log.debug("search of keyring %d for %r: %s", ring, identity, exc.strerror)
+                    continue
+                if serial is None:
+                    continue
+                try:
+                    return self.read_key(serial)
+                except KeyServiceError as exc:
+                    log.warning("PSK %r (key %d) found but unreadable: %s", identity, serial, exc)
         return None
 
     def add_peer_certificate(self, der: bytes, description: str) -> int:
@@ -280,93 +304,41 @@ class SupervisorKeyService:
 
     # --- worker requests ---------------------------------------------------------
 
-    @staticmethod
-    def check_request(op: object, args: object) -> str | None:
-        """Why a worker request is malformed, or None if it is well-formed."""
-        if not isinstance(args, dict):
-            return "arguments are not an object"
-        if op == "key_read":
-            return None if _is_serial(args.get("serial")) else "bad serial"
-        if op == "psk_search":
-            if not _is_text(args.get("identity")):
-                return "bad identity"
-            ring = args.get("keyring")
-            return None if ring is None or ring == 0 or _is_serial(ring) else "bad keyring"
-        if op == "add_cert":
-            if not _is_text(args.get("description")):
-                return "bad description"
-            der = args.get("der_b64")
-            if type(der) is not str or not 0 < len(der) <= MAX_CERT_DER * 4 // 3 + 4:
-                return "bad der_b64"
-            try:
-                base64.b64decode(der, validate=True)
-            except (binascii.Error, ValueError):
-                return "bad der_b64"
-            return None
-        return "unknown op"
+    def answer(self, scope: RequestScope, request: KeyRequest) -> KeyReply:
+        """Answer one (already validated, tlshd.ipc.KeyRequest.from_message)
+        worker request within its handshake's `scope`; refusals get EACCES."""
+        if request.op == "key_read":
+            return self._answer_key_read(request.serial, scope)
+        if request.op == "psk_search":
+            return self._answer_psk_search(request, scope)
+        if request.op == "add_cert":
+            return self._answer_add_cert(request)
+        return KeyReply.failure(errno.EINVAL)
 
-    def handle_request(
-        self,
-        op: str,
-        args: dict[str, Any],
-        *,
-        allowed_serials: Collection[int] = (),
-        psk_search_allowed: bool = False,
-        request_keyring: int | None = None,
-    ) -> dict[str, Any]:
-        """Answer one worker request with a ``key_reply`` body.
-
-        Workers are untrusted.  A malformed request gets errno EINVAL (see
-        `check_request`; the caller may kill the worker), a request outside
-        the handshake's scope gets EACCES: ``key_read`` only for
-        `allowed_serials` (the serials in that request's ACCEPT),
-        ``psk_search`` only when `psk_search_allowed` (PSK server requests) and
-        only in `request_keyring` besides the daemon's own keyrings.
-        """
-        problem = self.check_request(op, args)
-        if problem is not None:
-            log.warning("malformed %r key request from a worker: %s", op, problem)
-            return _reply(err=errno.EINVAL)
-        if op == "key_read":
-            return self._handle_key_read(args["serial"], allowed_serials)
-        if op == "psk_search":
-            return self._handle_psk_search(args, psk_search_allowed, request_keyring)
-        return self._handle_add_cert(args)
-
-    def handle_for(self, scope: RequestScope, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """`handle_request` with the limits of one handshake's `RequestScope`."""
-        return self.handle_request(
-            op,
-            args,
-            allowed_serials=scope.allowed_serials,
-            psk_search_allowed=scope.psk_search,
-            request_keyring=scope.keyring,
-        )
-
-    def _handle_key_read(self, serial: int, allowed: Collection[int]) -> dict[str, Any]:
-        if serial not in allowed:
+    def _answer_key_read(self, serial: int, scope: RequestScope) -> KeyReply:
+        if serial not in scope.allowed_serials:
             log.warning("worker asked for key %d, which its request did not name", serial)
-            return _reply(err=errno.EACCES, serial=serial)
+            return KeyReply.failure(errno.EACCES, serial)
         try:
-            return _material_reply(self.read_key(serial))
+            return KeyReply.of(self.read_key(serial))
         except KeyServiceError as exc:
-            return _reply(err=exc.errno, serial=serial)
+            return KeyReply.failure(exc.errno, serial)
 
-    def _handle_psk_search(
-        self, args: dict[str, Any], allowed: bool, request_keyring: int | None
-    ) -> dict[str, Any]:
-        ring = args.get("keyring") or None
-        if not allowed:
+    def _answer_psk_search(self, request: KeyRequest, scope: RequestScope) -> KeyReply:
+        if not scope.psk_search:
             log.warning("worker asked for a PSK search outside a PSK server handshake")
-            return _reply(err=errno.EACCES)
-        if ring is not None and ring != request_keyring:
-            log.warning("worker asked to search keyring %d, not its request's", ring)
-            return _reply(err=errno.EACCES)
-        return _material_reply(self.search_psk(args["identity"], ring))
+            return KeyReply.failure(errno.EACCES)
+        if scope.psk_searched:
+            log.warning("worker asked for a second PSK search in one request")
+            return KeyReply.failure(errno.EACCES)
+        if request.keyring is not None and request.keyring != scope.keyring:
+            log.warning("worker asked to search keyring %d, not its request's", request.keyring)
+            return KeyReply.failure(errno.EACCES)
+        scope.psk_searched = True
+        return KeyReply.of(self.search_psks(request.identities, request.keyring))
 
-    def _handle_add_cert(self, args: dict[str, Any]) -> dict[str, Any]:
-        der = base64.b64decode(args["der_b64"], validate=True)
-        serial = self.add_peer_certificate(der, args["description"])
+    def _answer_add_cert(self, request: KeyRequest) -> KeyReply:
+        serial = self.add_peer_certificate(request.der, request.description)
         if serial == 0:
-            return _reply(err=errno.EKEYREJECTED)
-        return _reply(True, 0, serial, args["description"])
+            return KeyReply.failure(errno.EKEYREJECTED)
+        return KeyReply(True, 0, serial, request.description)

@@ -21,10 +21,10 @@ import heapq
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from tlshd.log import HandshakeLogAdapter
-from tlshd.params import HandshakeParams
-from tlshd.uapi import MsgType
+from tlshd.params import HandshakeParams, role_name
 
 
 @dataclass(eq=False)
@@ -41,6 +41,8 @@ class Request:
     # supervisor handed out for this request (psk_search, add_cert).
     known_serials: set[int] = field(default_factory=set)
     completed: bool = False
+    # keyservice.RequestScope, made on the worker's first key request
+    key_scope: Any = None
     # (client address, server address) of the connection; None if unknown
     pair_key: tuple[object, object] | None = None
 
@@ -51,10 +53,7 @@ class Request:
 
     @property
     def role(self) -> str:
-        try:
-            return MsgType(self.params.message_type).name.lower()
-        except ValueError:
-            return f"type{self.params.message_type}"
+        return role_name(self.params.message_type)
 
 
 class DeadlineQueue:

@@ -37,6 +37,15 @@ daemon's HandshakeNetlink there with `netlink_from_env()` or
 `netlink_from_fds(notify_fd, cmd_fd)`.  The fake kernel itself always stays in
 the test process.
 
+kTLS: the development machines' kernels have no tls.ko, so the fake also keeps
+what setsockopt(TCP_ULP "tls"), (SOL_TLS, TLS_TX) and (SOL_TLS, TLS_RX) would
+have left on each socket.  `fake_install_ktls` is an install_ktls stand-in for
+workers, `fake_ktls_state` the supervisor's supervisor.handoff.ktls_state
+stand-in.  The state lives in files named by the socket's (st_dev, st_ino) in
+a sticky world-writable directory: workers are other, unprivileged processes
+that may open no socket (seccomp).  submit() clears a socket's state, and a
+DONE or stop() drops it, as the kernel's state goes with the socket.
+
 Knobs: `submit(..., notify=False)` loses the READY (as after a daemon restart);
 `submit(..., overrun=True)` or `inject_overrun()` makes the daemon's next
 notify recv raise ENOBUFS; `send_raw_notification()` multicasts arbitrary
@@ -48,13 +57,16 @@ Counters: `accepts`, `eagain`, `dones`, `done_errors`, `listeners`.
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
 import errno
 import os
 import selectors
+import shutil
 import socket
 import stat
 import struct
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -299,6 +311,54 @@ def _socket_key(fd: int) -> tuple[int, int]:
 # Any id works: the daemon learns it from GETFAMILY, as from the real kernel.
 DEFAULT_FAMILY_ID = 0x22
 
+# --------------------------------------------------------------------------
+# kTLS state (see the module doc)
+
+_KTLS_DIR = tempfile.mkdtemp(prefix="tlshd-fake-ktls-")
+os.chmod(_KTLS_DIR, 0o1777)
+_KTLS_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_ktls_dir() -> None:
+    if os.getpid() == _KTLS_OWNER:  # not in forked daemons and workers
+        shutil.rmtree(_KTLS_DIR, ignore_errors=True)
+
+
+_TLS_1_3_VERSION = 0x0304
+
+
+def _ktls_path(fd: int) -> str:
+    dev, ino = _socket_key(fd)
+    return os.path.join(_KTLS_DIR, f"{dev}-{ino}")
+
+
+def fake_install_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
+    """What ktls.install_ktls does to a socket, on a kernel without tls.ko:
+    attach the ULP, then TX, then RX; a struct that is not TLS 1.3 is EINVAL."""
+    steps = [("ulp", b""), ("tx", tx_info), ("rx", rx_info)]
+    with open(_ktls_path(sock.fileno()), "a") as state:
+        for step, info in steps:
+            if info and struct.unpack_from("=H", info)[0] != _TLS_1_3_VERSION:
+                raise OSError(errno.EINVAL, "not a TLS 1.3 crypto_info")
+            state.write(f"{step}\n")
+            state.flush()
+
+
+def fake_ktls_state(sock: socket.socket) -> tuple[str, bool, bool]:
+    """(TCP_ULP name, TLS_TX set, TLS_RX set) of a socket, as the kernel reports them."""
+    try:
+        with open(_ktls_path(sock.fileno())) as state:
+            steps = set(state.read().split())
+    except FileNotFoundError:
+        steps = set()
+    return ("tls" if "ulp" in steps else ""), "tx" in steps, "rx" in steps
+
+
+def _forget_ktls(key: tuple[int, int]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(_KTLS_DIR, f"{key[0]}-{key[1]}"))
+
 
 class FakeKernel:
     """Serves GETFAMILY, GETPOLICY, ACCEPT and DONE like net/handshake; see module doc."""
@@ -356,6 +416,7 @@ class FakeKernel:
                 client.cmd.close()
             for request in self.requests:
                 self._release(request)
+                _forget_ktls(request.sock_key)
         for sock in self._daemon_socks:
             sock.close()
         self._selector.close()
@@ -447,6 +508,7 @@ class FakeKernel:
             sock_key=_socket_key(fd),
             kernel_fd=os.dup(fd),
         )
+        _forget_ktls(request.sock_key)  # a new socket has no kTLS yet
         with self._lock:
             self.requests.append(request)
             self._pending.append(request)

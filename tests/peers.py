@@ -433,7 +433,7 @@ class FakeKeys:
         self._material = KeyMaterial
         self.keys: dict[int, object] = {}
         self.added: list[tuple[bytes, str]] = []
-        self.searches: list[tuple[str, int | None]] = []
+        self.searches: list[tuple[tuple[str, ...], int | None]] = []
         self.next_serial = 0x1000
 
     def add(self, description: str, payload: bytes, serial: int | None = None) -> int:
@@ -453,11 +453,12 @@ class FakeKeys:
         except KeyError:
             raise KeyServiceError(f"no key {serial:#x}", errno.ENOKEY) from None
 
-    def search_psk(self, identity: str, keyring: int | None):  # type: ignore[no-untyped-def]
-        self.searches.append((identity, keyring))
-        for material in self.keys.values():
-            if material.description == identity:  # type: ignore[attr-defined]
-                return material
+    def search_psks(self, identities, keyring: int | None):  # type: ignore[no-untyped-def]
+        self.searches.append((tuple(identities), keyring))
+        for identity in identities:
+            for material in self.keys.values():
+                if material.description == identity:  # type: ignore[attr-defined]
+                    return material
         return None
 
     def add_peer_certificate(self, der: bytes, description: str) -> int:

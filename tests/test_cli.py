@@ -187,11 +187,11 @@ def test_check_config_bad_pki(tmp_path: Path) -> None:
 
 def test_check_config_warnings_only_is_ok(tmp_path: Path) -> None:
     path = tmp_path / "config"
-    path.write_text("[debug]\nverbose=1\n")
+    path.write_text("[worker]\nuser=nobody\n[debug]\nverbose=1\n")
     proc = run_tlshd("--check-config", "-c", str(path))
     assert proc.returncode == 0
     assert proc.stdout.splitlines() == [
-        f"warning: {path}:2: [debug] verbose: unknown key, ignored",
+        f"warning: {path}:4: [debug] verbose: unknown key, ignored",
         f"config OK: {path}",
     ]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import tlshd.config
 from tlshd.config import (
     DEFAULT_STATUS_SOCKET,
     KNOWN_KEYS,
@@ -20,6 +21,8 @@ from tlshd.config import (
     load_config,
 )
 from tlshd.keyring import keyring_entry_problem, keyring_serial
+
+REAL_DEFAULT_WORKER_USER = tlshd.config._default_worker_user
 
 # As shipped by ktls-utils: everything but [debug] commented out.
 UPSTREAM_SHIPPED = """\
@@ -435,3 +438,55 @@ def test_every_key_is_documented() -> None:
         assert f"[{section}]" in doc, section
         for key in keys:
             assert f"`{key}`" in doc or f"[{section}] {key}`" in doc, (section, key)
+
+
+# --- the worker account (issue 11 #2) ---------------------------------------------------
+
+
+def _accounts(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make pwd.getpwnam know exactly `names` (root's entry stands in for each),
+    and undo conftest's pinning of the default account."""
+    import pwd
+
+    import tlshd.config
+
+    monkeypatch.setattr(tlshd.config, "_default_worker_user", REAL_DEFAULT_WORKER_USER)
+
+    real = pwd.getpwnam("root")
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        if name in names:
+            return real
+        raise KeyError(name)
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+
+
+def test_workers_default_to_an_account_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _accounts(monkeypatch, "tlshd", "nobody")
+    config = load(tmp_path, "")
+    assert config.worker.user == "tlshd"
+    assert not [w for w in config.warnings if "[worker] user" in w]
+
+
+def test_missing_worker_account_falls_back_to_nobody_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _accounts(monkeypatch, "nobody")
+    config = load(tmp_path, "")
+    assert config.worker.user == "nobody"
+    (warning,) = [w for w in config.warnings if "[worker] user" in w]
+    assert "'tlshd' does not exist" in warning and "useradd --system" in warning
+    finding = [f for f in check_config(config) if f.key == "[worker] user"]
+    assert [f.severity for f in finding] == ["warning"]
+
+
+def test_an_explicit_worker_user_never_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _accounts(monkeypatch, "nobody")
+    config = load(tmp_path, "[worker]\nuser=tlshd\n")
+    assert config.worker.user == "tlshd"
+    assert [(f.severity, f.key) for f in check_config(config)] == [("error", "[worker] user")]

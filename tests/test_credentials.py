@@ -89,7 +89,9 @@ class Pki:
         )
         body = "".join(f"{k} = {v}\n" for k, v in keys.items() if v)
         path = self.root / "config"
-        path.write_text(f"[authenticate.server]\n{body}{extra}")
+        # An explicit worker account: whether this machine has `tlshd` must not
+        # change what --check-config says about the credentials.
+        path.write_text(f"[worker]\nuser=nobody\n[authenticate.server]\n{body}{extra}")
         return str(path)
 
 

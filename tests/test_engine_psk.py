@@ -133,7 +133,7 @@ def test_server_psk_openssl(tmp_path: Path, key_len: int, offered: str | None) -
         assert result.status == 0, result.detail
         assert result.cipher == suite
         assert result.remote_auth == (serial,)
-        assert keys.searches == [(identity, KEYRING)]
+        assert keys.searches == [((identity,), KEYRING)]
         tx, rx = (RecordLayer(x) for x in capture.calls[0])
         peer.sock.sendall(tx.seal(b"icresp\n"))
         peer.wait_output("icresp")

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from tlshd.workers.engine import X509_SERVER_PEER_ID, perform_handshake
+from tlshd.workers.engine import perform_handshake
 
 from tests.ktls_oracle import RecordLayer, read_application_data
 from tests.peers import (
@@ -27,6 +27,7 @@ from tests.peers import (
     openssl_server,
 )
 from tlshd.credentials import RoleCredentials
+from tlshd.ipc import X509_SERVER_PEER_ID
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import AuthMode, MsgType
 

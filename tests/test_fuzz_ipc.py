@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from tlshd.supervisor.keyservice import SupervisorKeyService
+from tlshd.supervisor.keyservice import RequestScope, SupervisorKeyService
 
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import Daemon, config_text, recv_exactly, running_daemon, short_tmpdir
-from tests.helpers.engines import Peer
+from tests.helpers.engines import Peer, fake_ktls
 from tests.test_supervisor_junk import wait_gone
 from tlshd import ipc
 from tlshd.keys import KeyServiceError
@@ -130,11 +130,14 @@ SPECS: dict[str, tuple[dict[str, Any], dict[str, st.SearchStrategy[Any]]]] = {
         {"req": bad_req, "id": bad_int(0, S31), "serial": bad_int(1, S31)},
     ),
     "psk_search": (
-        {"op": "psk_search", "req": REQ, "id": 1, "identity": "i", "keyring": None},
+        {"op": "psk_search", "req": REQ, "id": 1, "identities": ["i"], "keyring": None},
         {
             "req": bad_req,
             "id": bad_int(0, S31),
-            "identity": bad_str(ipc.MAX_IDENTITY_LEN),
+            "identities": bad_str(ipc.MAX_KEY_DESCRIPTION).map(lambda v: [v])
+            | st.just([])
+            | st.just(["i"] * (ipc.MAX_PSK_IDENTITIES + 1))
+            | not_int(),
             "keyring": bad_int(0, S31, optional=True),
         },
     ),
@@ -144,7 +147,7 @@ SPECS: dict[str, tuple[dict[str, Any], dict[str, st.SearchStrategy[Any]]]] = {
             "req": bad_req,
             "id": bad_int(0, S31),
             "der_b64": bad_base64,
-            "description": bad_str(ipc.MAX_DESCRIPTION_LEN),
+            "description": bad_str(ipc.MAX_KEY_DESCRIPTION),
         },
     ),
 }
@@ -152,7 +155,7 @@ REQUIRED = {
     "phase": ["req", "phase", "peer"],
     "result": ["req", "result", "result.status"],
     "key_read": ["req", "id", "serial"],
-    "psk_search": ["req", "id", "identity"],
+    "psk_search": ["req", "id", "identities"],
     "add_cert": ["req", "id", "der_b64", "description"],
 }
 
@@ -200,7 +203,7 @@ def accepted_by_validators(message: dict[str, Any], req: int) -> bool:
         elif message["op"] == "result":
             return not ipc.check_result(message).remote_auth
         else:
-            ipc.check_key_request(message)
+            ipc.KeyRequest.from_message(message)
     except ipc.IpcError:
         return False
     return True
@@ -239,19 +242,21 @@ def test_check_result(message: dict[str, Any], result: Any) -> None:
 @given(
     st.sampled_from(sorted(ipc.KEY_OPS)),
     st.dictionaries(
-        st.sampled_from(["id", "serial", "identity", "keyring", "der_b64", "description", "req"]),
-        json_values | st.text(alphabet="ABCD+/=", max_size=12),
+        st.sampled_from(["id", "serial", "identities", "keyring", "der_b64", "description", "req"]),
+        json_values
+        | st.text(alphabet="ABCD+/=", max_size=12)
+        | st.lists(st.text(max_size=6), max_size=3),
     ),
 )
-def test_check_key_request(op: str, fields: dict[str, Any]) -> None:
+def test_key_request_validator(op: str, fields: dict[str, Any]) -> None:
     message = {**fields, "op": op}
     try:
-        request = ipc.check_key_request(message)
+        request = ipc.KeyRequest.from_message(message)
     except ipc.IpcError:
         return
     assert request.op == op and type(request.id) is int
-    # The key service checks again (stricter: no empty strings) and never raises.
-    SupervisorKeyService.check_request(op, request.args)
+    # What passes the one validator survives its own encoding unchanged.
+    assert ipc.KeyRequest.from_message(request.to_message(1)) == request
 
 
 @settings(max_examples=300, deadline=None)
@@ -272,23 +277,24 @@ def test_generated_junk_is_junk(message: dict[str, Any], req: int) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.sampled_from(["key_read", "psk_search", "add_cert", "exec", None]),
-    json_values,
+    st.sampled_from(["key_read", "psk_search"]),
+    st.integers(1, S31),
+    st.lists(st.text(min_size=1, max_size=8).filter(ipc.is_key_description), min_size=1),
     st.frozensets(st.integers(1, 100)),
 )
-def test_keyservice_refuses_out_of_scope_and_junk(
-    op: Any, args: Any, allowed: frozenset[int]
+def test_keyservice_refuses_out_of_scope(
+    op: str, serial: int, identities: list[str], allowed: frozenset[int]
 ) -> None:
-    """Never raises; junk is EINVAL, anything outside the scope EACCES; no
-    request here may reach the kernel's keyrings."""
+    """Never raises; anything outside the scope is EACCES; no request here may
+    reach the kernel's keyrings."""
+    assume(serial not in allowed)
     service = SupervisorKeyService(())
-    problem = SupervisorKeyService.check_request(op, args)
-    if op == "add_cert" or (op == "key_read" and problem is None and args["serial"] in allowed):
-        assume(problem is not None)  # valid ones would touch real keyrings
-    reply = service.handle_request(op, args, allowed_serials=allowed, psk_search_allowed=False)
-    assert reply["ok"] is False
-    assert reply["errno"] == (errno.EINVAL if problem else errno.EACCES)
-    json.dumps(reply)
+    request = ipc.KeyRequest(
+        op, serial=serial, identities=tuple(identities[: ipc.MAX_PSK_IDENTITIES])
+    )
+    reply = service.answer(RequestScope(allowed), request)
+    assert (reply.ok, reply.errno, reply.payload) == (False, errno.EACCES, b"")
+    json.dumps(reply.to_message(1))
 
 
 @pytest.fixture
@@ -373,6 +379,7 @@ def fuzz_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
     (size,) = struct.unpack("=I", recv_exactly(sock, 4))
     payload = recv_exactly(sock, size) if size else b""
     if kind == b"g":
+        fake_ktls(sock, ctx)
         return HandshakeResult(status=0, cipher="FUZZ")
     if kind == b"d":
         return HandshakeResult(status=errno.EACCES, cipher="C" * 300, detail="why? " * 2000)
@@ -382,11 +389,12 @@ def fuzz_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
             if request["op"] == "key_read":
                 outcome = f"ok {ctx.keys.read_key(request['serial']).serial}"
             else:
-                found = ctx.keys.search_psk(request["identity"], request["keyring"])
+                found = ctx.keys.search_psks([request["identity"]], request["keyring"])
                 outcome = f"ok {found.serial if found else 0}"
         except KeyServiceError as err:
             outcome = f"err {err.errno}"
         sock.sendall(outcome.encode() + b"\n")
+        fake_ktls(sock, ctx)
         return HandshakeResult(status=0, cipher="FUZZ")
     fds: list[int] = []
     if kind == b"r":
@@ -529,7 +537,7 @@ def test_worker_writes_named_junk(
     | st.fixed_dictionaries(
         {
             "op": st.just("psk_search"),
-            "identity": st.text(max_size=40),
+            "identity": st.text(max_size=40),  # one offered identity
             "keyring": st.none() | st.integers(1, S31),
         }
     ),
@@ -554,9 +562,12 @@ def test_key_requests_outside_the_scope_are_refused(
         line = b""
         while not line.endswith(b"\n"):
             line += recv_exactly(peer.client, 1)
-        # EACCES outside the scope; an empty identity is EINVAL (malformed) first.
-        refusals = {errno.EACCES} if request["op"] == "key_read" else {errno.EACCES, errno.EINVAL}
-        assert line in {f"err {e}\n".encode() for e in refusals}
+        # EACCES outside the scope; an identity that cannot name a key (empty,
+        # with a NUL) is never asked for: not found.
+        if request["op"] == "psk_search" and not ipc.is_key_description(request["identity"]):
+            assert line == b"ok 0\n"
+        else:
+            assert line == f"err {errno.EACCES}\n".encode()
         assert peer.request.wait_done(15) == (0, ())
     finally:
         peer.close()

@@ -101,25 +101,62 @@ def test_check_req_must_match_current_request() -> None:
             ipc.check_req(message, current)
 
 
-def test_check_key_request() -> None:
-    read = ipc.check_key_request({"op": "key_read", "id": 1, "serial": 5})
-    assert read.args == {"serial": 5}
-    search = ipc.check_key_request({"op": "psk_search", "id": 2, "identity": "id", "keyring": None})
-    assert search.args == {"identity": "id", "keyring": None}
-    cert = ipc.check_key_request(
-        {"op": "add_cert", "id": 3, "der_b64": "MAMCAQE=", "description": "d"}
-    )
-    assert cert.args == {"der_b64": "MAMCAQE=", "description": "d"}
-    for bad in (
-        {"op": "key_read", "id": 1, "serial": 0},
-        {"op": "key_read", "id": -1, "serial": 5},
-        {"op": "psk_search", "id": 1, "identity": 5},
-        {"op": "add_cert", "id": 1, "der_b64": "!!", "description": "d"},
-        {"op": "add_cert", "id": 1, "der_b64": "A" * (ipc.MAX_CERT_DER * 2), "description": "d"},
-        {"op": "phase", "id": 1},
+def b64(data: bytes) -> str:
+    return ipc.b64encode(data)
+
+
+def test_key_request_roundtrip() -> None:
+    for request in (
+        ipc.KeyRequest("key_read", 1, serial=5),
+        ipc.KeyRequest("psk_search", 2, identities=("id", "NVMe0R01 h s"), keyring=77),
+        ipc.KeyRequest("psk_search", 2, identities=("é" * 2047,)),  # 4094 bytes of UTF-8
+        ipc.KeyRequest("add_cert", 3, der=b"\x30\x03\x02\x01\x01", description="d"),
     ):
-        with pytest.raises(ipc.IpcError):
-            ipc.check_key_request(bad)
+        message = ipc.decode(ipc.encode(request.to_message(9)), ipc.WORKER_OPS)
+        assert ipc.KeyRequest.from_message(message) == request
+
+
+MALFORMED = [
+    {"op": "key_read", "id": 1},
+    {"op": "key_read", "id": 1, "serial": "123"},
+    {"op": "key_read", "id": 1, "serial": True},
+    {"op": "key_read", "id": 1, "serial": 1.0},
+    {"op": "key_read", "id": 1, "serial": 0},
+    {"op": "key_read", "id": 1, "serial": -3},
+    {"op": "key_read", "id": 1, "serial": 2**31},
+    {"op": "key_read", "id": -1, "serial": 5},
+    {"op": "psk_search", "id": 1, "identity": "old-style"},
+    {"op": "psk_search", "id": 1, "identities": []},
+    {"op": "psk_search", "id": 1, "identities": [""]},
+    {"op": "psk_search", "id": 1, "identities": [5]},
+    {"op": "psk_search", "id": 1, "identities": ["a\0b"]},
+    {"op": "psk_search", "id": 1, "identities": ["x" * 4096]},
+    {"op": "psk_search", "id": 1, "identities": ["é" * 2048]},  # 4096 bytes
+    {"op": "psk_search", "id": 1, "identities": ["x"] * (ipc.MAX_PSK_IDENTITIES + 1)},
+    {"op": "psk_search", "id": 1, "identities": "abc"},
+    {"op": "psk_search", "id": 1, "identities": ["ok"], "keyring": "1"},
+    {"op": "psk_search", "id": 1, "identities": ["ok"], "keyring": -2},
+    {"op": "add_cert", "id": 1, "der_b64": "!!!", "description": "d"},
+    {"op": "add_cert", "id": 1, "der_b64": "", "description": "d"},
+    {"op": "add_cert", "id": 1, "der_b64": b64(b"x"), "description": ""},
+    {"op": "add_cert", "id": 1, "der_b64": b64(b"x")},
+    {"op": "add_cert", "id": 1, "der_b64": "A" * (ipc.MAX_CERT_DER * 2), "description": "d"},
+    {"op": "key_write", "id": 1, "serial": 1},
+    {"op": "phase", "id": 1},
+]
+
+
+@pytest.mark.parametrize("message", MALFORMED)
+def test_malformed_key_requests(message: dict) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ipc.IpcError):
+        ipc.KeyRequest.from_message(message)
+
+
+def test_key_limits_are_the_kernels() -> None:
+    """One definition each: what a key description may be, and what the worker trims."""
+    assert ipc.is_key_description("x" * 4095) and not ipc.is_key_description("x" * 4096)
+    assert ipc.fit_key_description("a\0b" + "x" * 5000) == "ab" + "x" * 4093
+    assert len(ipc.fit_key_description("é" * 3000).encode()) == 4094
 
 
 def _answer(sock: socket.socket, replies: dict[str, dict]) -> threading.Thread:  # type: ignore[type-arg]
@@ -160,7 +197,7 @@ def test_ipc_key_service_roundtrip(pair) -> None:  # type: ignore[no-untyped-def
     keys = IpcKeyService(worker, req_id=3, deadline=time.monotonic() + 10)
     material = keys.read_key(5)
     assert (material.serial, material.description, material.payload) == (5, "psk", b"key")
-    assert keys.search_psk("identity", None) is None
+    assert keys.search_psks(["identity"], None) is None
     assert keys.add_peer_certificate(b"der", "cert") == 77
 
 
@@ -180,3 +217,26 @@ def test_ipc_key_service_errors_and_deadline(pair) -> None:  # type: ignore[no-u
         keys._next_id = 2
         keys.read_key(6)
     assert info.value.errno == errno.EACCES
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 200_000,  # RecursionError inside json.loads
+        b'{"op":"phase","x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+        b'{"op":"phase","x":[[[[[1]]]]]}',  # parses, but deeper than any real message
+        b'{"op":"phase","phase":"\\ud800"}',  # lone surrogate
+        b'{"op":"phase","\\udfff":1}',  # ... as a key
+        b'{"op":"phase","n":NaN}',
+        b'{"op":"phase","n":-Infinity}',
+        b'{"op":"phase","n":' + b"9" * 5000 + b"}",  # over int's str-digits limit
+    ],
+)
+def test_decode_turns_every_hostile_input_into_ipc_error(data: bytes) -> None:
+    with pytest.raises(ipc.IpcError):
+        ipc.decode(data, ipc.WORKER_OPS)
+
+
+def test_decode_accepts_the_deepest_real_message() -> None:
+    message = {"op": "result", "req": 1, "result": {"status": 0, "remote_auth": [1, 2]}}
+    assert ipc.decode(ipc.encode(message), ipc.WORKER_OPS) == message

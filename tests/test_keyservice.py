@@ -31,6 +31,7 @@ from tests.conftest import unique
 from tests.helpers.certs import issue_cert
 from tests.helpers.waiting import wait_until
 from tlshd import keyring as kr
+from tlshd.ipc import MAX_PSK_IDENTITIES, KeyReply, KeyRequest
 from tlshd.keys import KeyService, KeyServiceError
 from tlshd.params import HandshakeParams
 from tlshd.uapi import AuthMode, MsgType
@@ -143,7 +144,7 @@ def test_foreign_key_needs_possession(foreign: Callable[[str], Foreign]) -> None
     assert search_in_fresh_process() == errno.EACCES
 
 
-# --- search_psk ---------------------------------------------------------------
+# --- search_psks --------------------------------------------------------------
 
 
 def test_is_a_key_service() -> None:
@@ -155,7 +156,7 @@ def test_is_a_key_service() -> None:
 
 def test_psk_type_absent_on_this_kernel_is_just_not_found() -> None:
     svc = SupervisorKeyService([])  # type "psk", .nvme/.nfs/.nfsd probably absent
-    assert svc.search_psk(unique("NVMe0R01"), None) is None
+    assert svc.search_psks([unique("NVMe0R01")], None) is None
 
 
 def test_search_configured_keyring_by_name(
@@ -164,7 +165,7 @@ def test_search_configured_keyring_by_name(
     name, ident = unique(), unique("NVMe0R01") + " nqn.host nqn.subsys"
     f = foreign(nvme_like_script(name, ("key", ident, "s3cret")))
     svc = services([name])
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None
     assert (found.serial, found.description, found.payload) == (f["key"], ident, b"s3cret")
     assert f["ring"] in ring_contents(kr.get_keyring_id(kr.KEY_SPEC_PROCESS_KEYRING))
@@ -176,7 +177,7 @@ def test_search_kernel_keyring_names(
     fake_nvme, ident = unique("nvme"), unique("NVMe1R02")
     f = foreign(nvme_like_script(fake_nvme, ("key", ident, "k")))
     svc = services([], kernel_keyrings=(fake_nvme,))
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None and found.serial == f["key"]
 
 
@@ -186,7 +187,7 @@ def test_configured_keyring_given_by_serial(
     ident = unique("NVMe0R01")
     f = foreign(nvme_like_script(unique(), ("key", ident, "k")))
     for spec in (str(f["ring"]), hex(f["ring"])):
-        found = services([spec]).search_psk(ident, None)
+        found = services([spec]).search_psks([ident], None)
         assert found is not None and found.serial == f["key"]
 
 
@@ -195,9 +196,9 @@ def test_keyring_created_after_construction_is_found(
 ) -> None:
     name, ident = unique("nfsd"), unique("id")
     svc = services([], kernel_keyrings=(name,))
-    assert svc.search_psk(ident, None) is None  # the module is not "loaded" yet
+    assert svc.search_psks([ident], None) is None  # the module is not "loaded" yet
     f = foreign(nvme_like_script(name, ("key", ident, "late")))
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None and found.payload == b"late" and found.serial == f["key"]
 
 
@@ -207,13 +208,13 @@ def test_recreated_keyring_is_found_again(
     name, ident = unique("nfs"), unique("id")
     first = foreign(nvme_like_script(name, ("key", ident, "one")))
     svc = services([name])
-    assert svc.search_psk(ident, None).payload == b"one"  # type: ignore[union-attr]
+    assert svc.search_psks([ident], None).payload == b"one"  # type: ignore[union-attr]
     first.stop()
     # our process-keyring link keeps the old ring alive: revoke it, as a module
     # unload does (nvme_keyring_exit revokes .nvme)
     kr.revoke_key(first["ring"])
     second = foreign(nvme_like_script(name, ("key", ident, "two")))
-    found = svc.search_psk(ident, None)
+    found = svc.search_psks([ident], None)
     assert found is not None and (found.serial, found.payload) == (second["key"], b"two")
 
 
@@ -224,8 +225,8 @@ def test_request_keyring_is_searched_first(
     configured = foreign(nvme_like_script(unique(), ("key", ident, "configured")))
     request = foreign(nvme_like_script(unique(), ("key", ident, "request")))
     svc = services([str(configured["ring"])])
-    assert svc.search_psk(ident, None).payload == b"configured"  # type: ignore[union-attr]
-    found = svc.search_psk(ident, request["ring"])
+    assert svc.search_psks([ident], None).payload == b"configured"  # type: ignore[union-attr]
+    found = svc.search_psks([ident], request["ring"])
     assert found is not None and found.serial == request["key"]
 
 
@@ -237,8 +238,8 @@ def test_search_misses(
     unserved_ident = unique("id")
     foreign(nvme_like_script(unique(), ("key", unserved_ident, "y")))
     svc = services([str(served["ring"]), unique("absent-ring")])
-    assert svc.search_psk(ident + "-other", None) is None
-    assert svc.search_psk(unserved_ident, None) is None  # only served keyrings
+    assert svc.search_psks([ident + "-other"], None) is None
+    assert svc.search_psks([unserved_ident], None) is None  # only served keyrings
 
 
 def test_search_own_process_keyring(
@@ -246,7 +247,7 @@ def test_search_own_process_keyring(
 ) -> None:
     ident = unique("id")
     serial = kr.add_key("user", ident, b"mine", scratch)
-    found = services([]).search_psk(ident, None)
+    found = services([]).search_psks([ident], None)
     assert found is not None and found.serial == serial
 
 
@@ -371,25 +372,24 @@ def test_bad_certificate_gives_zero(services: Callable[..., SupervisorKeyService
     assert services([]).add_peer_certificate(b"\x30\x03not-a-cert", unique("peer")) == 0
 
 
-# --- handle_request -----------------------------------------------------------
+# --- answer: worker requests within their request's scope ------------------
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def key_read(serial: int) -> KeyRequest:
+    return KeyRequest("key_read", serial=serial)
+
+
+def psk_search(*identities: str, keyring: int | None = None) -> KeyRequest:
+    return KeyRequest("psk_search", identities=identities, keyring=keyring)
 
 
 def test_key_read_of_allowed_serial(
     scratch: int, services: Callable[..., SupervisorKeyService]
 ) -> None:
     serial = kr.add_key("user", "x;ident", b"material", scratch)
-    reply = services([]).handle_request("key_read", {"serial": serial}, allowed_serials={serial})
-    assert reply == {
-        "ok": True,
-        "errno": 0,
-        "serial": serial,
-        "description": "ident",
-        "payload_b64": b64(b"material"),
-    }
+    reply = services([]).answer(RequestScope(frozenset({serial})), key_read(serial))
+    assert reply == KeyReply(True, 0, serial, "ident", b"material")
+    assert reply.to_message(3)["payload_b64"] == base64.b64encode(b"material").decode()
 
 
 def test_key_read_of_other_serial_is_refused(
@@ -397,17 +397,15 @@ def test_key_read_of_other_serial_is_refused(
 ) -> None:
     secret = kr.add_key("user", unique(), b"not-yours", scratch)
     svc = services([])
-    for allowed in ((), {secret + 1}):
-        reply = svc.handle_request("key_read", {"serial": secret}, allowed_serials=allowed)
-        assert reply["ok"] is False and reply["errno"] == errno.EACCES
-        assert reply["payload_b64"] == ""
+    for allowed in (frozenset(), frozenset({secret + 1})):
+        reply = svc.answer(RequestScope(allowed), key_read(secret))
+        assert reply.ok is False and reply.errno == errno.EACCES
+        assert reply.payload == b""
 
 
 def test_key_read_error_is_reported(services: Callable[..., SupervisorKeyService]) -> None:
-    reply = services([]).handle_request(
-        "key_read", {"serial": 0x7FFFFFF0}, allowed_serials={0x7FFFFFF0}
-    )
-    assert (reply["ok"], reply["errno"]) == (False, errno.ENOKEY)
+    reply = services([]).answer(RequestScope(frozenset({0x7FFFFFF0})), key_read(0x7FFFFFF0))
+    assert (reply.ok, reply.errno) == (False, errno.ENOKEY)
 
 
 def test_psk_search_requests(
@@ -417,88 +415,83 @@ def test_psk_search_requests(
     req = foreign(nvme_like_script(unique(), ("key", ident, "psk")))
     other = foreign(nvme_like_script(unique()))
     svc = services([])
-    args = {"identity": ident, "keyring": req["ring"]}
+    search = psk_search(ident, keyring=req["ring"])
 
-    refused = svc.handle_request("psk_search", args, request_keyring=req["ring"])
-    assert refused["errno"] == errno.EACCES  # not a PSK server request
+    refused = svc.answer(RequestScope(keyring=req["ring"]), search)
+    assert refused.errno == errno.EACCES  # not a PSK server request
 
-    wrong_ring = svc.handle_request(
-        "psk_search", args, psk_search_allowed=True, request_keyring=other["ring"]
-    )
-    assert wrong_ring["errno"] == errno.EACCES
+    wrong_ring = svc.answer(RequestScope(keyring=other["ring"], psk_search=True), search)
+    assert wrong_ring.errno == errno.EACCES
 
-    ok = svc.handle_request(
-        "psk_search", args, psk_search_allowed=True, request_keyring=req["ring"]
-    )
-    assert ok["ok"] is True and ok["serial"] == req["key"]
-    assert base64.b64decode(ok["payload_b64"]) == b"psk"
+    ok = svc.answer(RequestScope(keyring=req["ring"], psk_search=True), search)
+    assert ok.ok is True and ok.serial == req["key"] and ok.payload == b"psk"
 
-    missing = svc.handle_request(
-        "psk_search", {"identity": ident + "x", "keyring": None}, psk_search_allowed=True
-    )
-    assert (missing["ok"], missing["errno"]) == (False, errno.ENOKEY)
+    missing = svc.answer(RequestScope(psk_search=True), psk_search(ident + "x"))
+    assert (missing.ok, missing.errno) == (False, errno.ENOKEY)
+
+
+def test_psk_search_finds_the_first_offered_identity_that_exists(
+    foreign: Callable[[str], Foreign], services: Callable[..., SupervisorKeyService]
+) -> None:
+    first, second = unique("id1"), unique("id2")
+    ring = foreign(nvme_like_script(unique(), ("a", first, "one"), ("b", second, "two")))
+    svc = services([])
+    scope = RequestScope(keyring=ring["ring"], psk_search=True)
+    reply = svc.answer(scope, psk_search(unique("absent"), second, first, keyring=ring["ring"]))
+    assert (reply.serial, reply.payload) == (ring["b"], b"two")
+
+
+def test_only_one_psk_search_per_request(
+    foreign: Callable[[str], Foreign], services: Callable[..., SupervisorKeyService]
+) -> None:
+    """A compromised worker commits to the identities it reports with its first
+    search; it cannot go on to look up others (issue 11 #4)."""
+    offered, other = unique("offered"), unique("not-offered")
+    ring = foreign(nvme_like_script(unique(), ("a", offered, "one"), ("b", other, "two")))
+    svc = services([])
+    scope = RequestScope(keyring=ring["ring"], psk_search=True)
+    assert svc.answer(scope, psk_search(offered, keyring=ring["ring"])).payload == b"one"
+    again = svc.answer(scope, psk_search(other, keyring=ring["ring"]))
+    assert (again.ok, again.errno, again.payload) == (False, errno.EACCES, b"")
+    # the next request has a scope of its own
+    fresh = RequestScope(keyring=ring["ring"], psk_search=True)
+    assert svc.answer(fresh, psk_search(other, keyring=ring["ring"])).payload == b"two"
+
+
+def test_psk_search_reads_proc_keys_once_and_caps_lookups(
+    monkeypatch: pytest.MonkeyPatch, services: Callable[..., SupervisorKeyService]
+) -> None:
+    """1,400 offered identities cost one /proc/keys scan and at most
+    MAX_PSK_IDENTITIES lookups per keyring (issue 11 #8)."""
+    scans: list[int] = []
+    searched: list[str] = []
+    real_iter, real_search = kr.iter_proc_keys, kr.search_keyring
+
+    def counting_iter(*args: Any) -> Any:
+        scans.append(1)
+        return real_iter(*args)
+
+    def counting_search(ring: int, key_type: str, description: str, dest: int = 0) -> Any:
+        searched.append(description)
+        return real_search(ring, key_type, description, dest)
+
+    monkeypatch.setattr(kr, "iter_proc_keys", counting_iter)
+    monkeypatch.setattr(kr, "search_keyring", counting_search)
+    svc = services([unique("missing-ring"), unique("missing-ring")])
+    identities = [unique(f"id{i}") for i in range(1400)]
+    assert svc.search_psks(identities, None) is None
+    assert len(scans) == 1
+    assert set(searched) == set(identities[:MAX_PSK_IDENTITIES])
 
 
 def test_add_cert_request(cert_der: bytes, services: Callable[..., SupervisorKeyService]) -> None:
     svc = services([])
-    bad = svc.handle_request("add_cert", {"der_b64": b64(b"junk"), "description": "peer"})
-    assert (bad["ok"], bad["errno"]) == (False, errno.EKEYREJECTED)
+    bad = svc.answer(RequestScope(), KeyRequest("add_cert", der=b"junk", description="peer"))
+    assert (bad.ok, bad.errno) == (False, errno.EKEYREJECTED)
     if not asymmetric_supported(cert_der):
         pytest.skip("no asymmetric key type / X.509 parser in this kernel")
-    ok = svc.handle_request("add_cert", {"der_b64": b64(cert_der), "description": "peer"})
-    assert ok["ok"] is True and ok["serial"] > 0 and ok["description"] == "peer"
-
-
-MALFORMED = [
-    ("key_read", {}),
-    ("key_read", {"serial": "123"}),
-    ("key_read", {"serial": True}),
-    ("key_read", {"serial": 1.0}),
-    ("key_read", {"serial": 0}),
-    ("key_read", {"serial": -3}),
-    ("key_read", {"serial": 2**31}),
-    ("key_read", []),
-    ("key_read", None),
-    ("psk_search", {"identity": ""}),
-    ("psk_search", {"identity": 5}),
-    ("psk_search", {"identity": "a\0b"}),
-    ("psk_search", {"identity": "x" * 5000}),
-    ("psk_search", {"identity": "ok", "keyring": "1"}),
-    ("psk_search", {"identity": "ok", "keyring": -2}),
-    ("add_cert", {"der_b64": "!!!", "description": "d"}),
-    ("add_cert", {"der_b64": "", "description": "d"}),
-    ("add_cert", {"der_b64": b64(b"x"), "description": ""}),
-    ("add_cert", {"der_b64": b64(b"x")}),
-    ("add_cert", {"der_b64": "A" * 200_000, "description": "d"}),
-    ("key_write", {"serial": 1}),
-    (None, {}),
-    (7, {}),
-]
-
-
-@pytest.mark.parametrize(("op", "args"), MALFORMED)
-def test_malformed_requests(
-    op: Any, args: Any, services: Callable[..., SupervisorKeyService]
-) -> None:
-    svc = services([])
-    assert svc.check_request(op, args) is not None
-    reply = svc.handle_request(op, args, allowed_serials={1, 2**31}, psk_search_allowed=True)
-    assert reply == {
-        "ok": False,
-        "errno": errno.EINVAL,
-        "serial": 0,
-        "description": "",
-        "payload_b64": "",
-    }
-
-
-def test_well_formed_requests_pass_the_check() -> None:
-    check = SupervisorKeyService.check_request
-    assert check("key_read", {"serial": 1}) is None
-    assert check("psk_search", {"identity": "NVMe0R01 a b", "keyring": None}) is None
-    assert check("psk_search", {"identity": "NVMe0R01 a b", "keyring": 0}) is None
-    assert check("psk_search", {"identity": "NVMe0R01 a b"}) is None
-    assert check("add_cert", {"der_b64": b64(b"\x30\x00"), "description": "d"}) is None
+    ok = svc.answer(RequestScope(), KeyRequest("add_cert", der=cert_der, description="peer"))
+    assert ok.ok is True and ok.serial > 0 and ok.description == "peer"
 
 
 # --- RequestScope -------------------------------------------------------------
@@ -531,13 +524,13 @@ def test_scope_of_client_requests() -> None:
     assert RequestScope.from_params(x509) == RequestScope(frozenset({11, 12}), None, False)
 
 
-def test_handle_for_applies_the_scope(
+def test_answer_applies_the_scope(
     scratch: int, services: Callable[..., SupervisorKeyService]
 ) -> None:
     serial = kr.add_key("user", unique(), b"v", scratch)
     svc = services([])
-    assert svc.handle_for(RequestScope(frozenset({serial})), "key_read", {"serial": serial})["ok"]
-    refused = svc.handle_for(RequestScope(), "key_read", {"serial": serial})
-    assert refused["errno"] == errno.EACCES
-    psk = svc.handle_for(RequestScope(psk_search=True), "psk_search", {"identity": unique()})
-    assert psk["errno"] == errno.ENOKEY
+    assert svc.answer(RequestScope(frozenset({serial})), key_read(serial)).ok
+    refused = svc.answer(RequestScope(), key_read(serial))
+    assert refused.errno == errno.EACCES
+    psk = svc.answer(RequestScope(psk_search=True), psk_search(unique()))
+    assert psk.errno == errno.ENOKEY

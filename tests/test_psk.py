@@ -95,3 +95,33 @@ def test_new_psk_session(hash_name: str) -> None:
         assert bytes(ffi.buffer(out, n)) == b"s" * 32
     finally:
         lib.SSL_SESSION_free(session)
+
+
+# --- offered identities, from the raw ClientHello (issue 11 #4, #8) -----------
+
+
+def test_offered_identities_in_order() -> None:
+    from tlshd.workers.psk import offered_identities
+
+    from tests.helpers.clienthello import client_hello
+
+    identities = [b"NVMe0R01 host sub", b"", b"x" * 3000, b"\xff"]
+    assert offered_identities(client_hello(identities)) == identities
+
+
+def test_offered_identities_of_junk_is_empty() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from tlshd.workers.psk import offered_identities
+
+    from tests.helpers.clienthello import client_hello
+
+    hello = client_hello([b"a", b"b"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, len(hello)), st.binary(max_size=8))
+    def check(cut: int, junk: bytes) -> None:
+        found = offered_identities(hello[:cut] + junk)
+        assert isinstance(found, list) and all(isinstance(i, bytes) for i in found)
+
+    check()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from tlshd.supervisor.tlsmodule import tls_module_present
+from tlshd.workers import ktls
 from tlshd.workers.engine import perform_handshake
 
 from tests.fakekernel import FakeKernel
@@ -61,7 +62,12 @@ def test_real_engine_without_ktls_reports_eio(pki: Pki, tmp_path: Path, openssl_
         pytest.skip("tls.ko is loaded here; the kTLS step would succeed")
     with (
         FakeKernel() as kernel,
-        running_daemon(kernel, perform_handshake, credentials=client_credentials(pki)) as daemon,
+        running_daemon(
+            kernel,
+            perform_handshake,
+            credentials=client_credentials(pki),
+            install_ktls=ktls.install_ktls,  # the real one: this kernel lacks tls.ko
+        ) as daemon,
         openssl_server(server_args(pki), tmp_path / "s_server.log") as peer,
     ):
         request = kernel.submit(

@@ -25,6 +25,10 @@ JUNK_KINDS = [
     "sends-fd",
     "ready-again",
     "phase-not-string",
+    "deep-nesting",
+    "deep-nesting-in-object",
+    "lone-surrogate",
+    "huge-int",
 ]
 
 

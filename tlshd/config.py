@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -38,6 +39,16 @@ DEFAULT_STATUS_SOCKET = "/run/tlshd/status.sock"
 _SUN_PATH_MAX = 107
 
 log = logging.getLogger("tlshd")
+
+# Files the daemon reads are capped, so a hostile or mistaken path (a 50 MB
+# file of repeated keys, a log file) cannot freeze the main loop or exhaust
+# memory.  Upstream's shipped config is under 1 KiB; Debian's whole system
+# CA bundle is about 220 KB, and a CRL of a large CA some MB.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PEM_BYTES = 32 << 20
+# Warnings kept per load: a file with thousands of repeated or unknown keys
+# is said to be one in a few lines, not in thousands.
+MAX_CONFIG_WARNINGS = 50
 
 
 class ConfigError(Exception):
@@ -83,6 +94,51 @@ class Finding:
         return f"{self.severity}: {locate(self.file, self.line, self.key)}: {self.message}"
 
 
+_DEV_NULL = os.makedev(1, 3)
+
+
+class FileProblem(Exception):
+    """A configured file cannot be read; the message says why (no path)."""
+
+
+def read_bounded(path: str, limit: int) -> bytes:
+    """The contents of the regular file `path`, at most `limit` bytes.
+
+    Opened with O_NONBLOCK, so a FIFO (or a device) named as a certificate or
+    config path cannot block the supervisor in open(); anything but a regular
+    file is refused before a byte is read (/dev/zero would never end), except
+    /dev/null, which reads as empty.  Raises FileProblem."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise FileProblem("file not found") from None
+    except OSError as err:
+        raise FileProblem(f"cannot open: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            raise FileProblem("is a directory")
+        if stat.S_ISCHR(mode) and st.st_rdev == _DEV_NULL:
+            return b""  # `-c /dev/null`: run on the defaults
+        if not stat.S_ISREG(mode):
+            raise FileProblem("is not a regular file (a FIFO, socket or device)")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise FileProblem(f"cannot read: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileProblem(f"is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
 @dataclass(frozen=True)
 class RoleConfig:
     """`[authenticate.client]` or `[authenticate.server]`."""
@@ -105,11 +161,24 @@ class PoolConfig:
     max_rss_mib: int = 256  # recycle a worker whose RSS passes this
 
 
+# Workers run under an account of their own.  Any process of the worker's uid
+# may signal or ptrace it, so a shared account such as `nobody` lets every
+# other service running as nobody kill each worker before it is ready.
+DEFAULT_WORKER_USER = "tlshd"
+# Used, with a warning, only when [worker] user is not set and the default
+# account does not exist.
+FALLBACK_WORKER_USER = "nobody"
+CREATE_WORKER_USER = (
+    "useradd --system --user-group --no-create-home --home-dir /nonexistent "
+    f"--shell /usr/sbin/nologin {DEFAULT_WORKER_USER}"
+)
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """`[worker]` (ours)."""
 
-    user: str = "nobody"
+    user: str = DEFAULT_WORKER_USER
     drop_privileges: bool = True
     # Deadline when ACCEPT carries no TIMEOUT.  nfsd gives up after 5 s
     # (SVC_HANDSHAKE_TO), so stay inside it.
@@ -414,12 +483,39 @@ def _read_worker(reader: _Reader) -> WorkerConfig:
         if not _USER_RE.match(user):
             raise ConfigError(f"{reader.where('worker', 'user')}: {user!r} is not a user name")
     return WorkerConfig(
-        user=user or d.user,
+        user=user or _default_worker_user(),
         drop_privileges=reader.boolean("worker", "drop_privileges", d.drop_privileges),
         handshake_timeout_ms=reader.integer(
             "worker", "handshake_timeout_ms", d.handshake_timeout_ms, 100, 60000
         ),
     )
+
+
+def _default_worker_user() -> str:
+    import pwd
+
+    try:
+        pwd.getpwnam(DEFAULT_WORKER_USER)
+    except KeyError:
+        return FALLBACK_WORKER_USER
+    return DEFAULT_WORKER_USER
+
+
+def _worker_user_warnings(reader: _Reader, worker: WorkerConfig) -> list[Finding]:
+    """The fallback to `nobody` is said at every start and reload."""
+    if reader.string("worker", "user") or not worker.drop_privileges:
+        return []
+    if worker.user != FALLBACK_WORKER_USER:
+        return []
+    return [
+        reader.warning(
+            "worker",
+            "user",
+            f"the account {DEFAULT_WORKER_USER!r} does not exist, "
+            f"so workers run as {FALLBACK_WORKER_USER!r}, which other processes may share "
+            f"(and so kill or trace the workers); create it with: {CREATE_WORKER_USER}",
+        )
+    ]
 
 
 def _read_status_socket(reader: _Reader) -> str:
@@ -450,14 +546,11 @@ def _unknown_warnings(reader: _Reader) -> list[Finding]:
 
 def _read_file(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read configuration file: {err.strerror}") from None
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+    except FileProblem as problem:
+        if str(problem) == "file not found":
+            raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(f"{path}: configuration file: {problem}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -489,6 +582,12 @@ def load_config(path: str) -> Config:
         warnings=(),
     )
     warnings += _legacy_warnings(reader) + _unknown_warnings(reader)
+    warnings += _worker_user_warnings(reader, config.worker)
+    if len(warnings) > MAX_CONFIG_WARNINGS:
+        more = len(warnings) - MAX_CONFIG_WARNINGS + 1
+        warnings[MAX_CONFIG_WARNINGS - 1 :] = [
+            Finding("warning", path, None, f"{more} more warnings not shown")
+        ]
     return replace(config, warnings=tuple(warnings))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import logging
 import os
 import re
 import stat
@@ -39,7 +40,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tlshd.config import Config, ConfigKey, Finding, RoleConfig
+from tlshd.config import (
+    MAX_PEM_BYTES,
+    Config,
+    ConfigKey,
+    FileProblem,
+    Finding,
+    RoleConfig,
+    read_bounded,
+)
 
 ROLES = ("client", "server")
 ROLE_SECTIONS = {"client": "authenticate.client", "server": "authenticate.server"}
@@ -50,6 +59,8 @@ _PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----",
 _TLS13_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
                ed448.Ed448PrivateKey)  # fmt: skip
 _EXPIRY_WARNING = datetime.timedelta(days=30)
+
+log = logging.getLogger("tlshd")
 
 
 class CredentialsError(Exception):
@@ -97,16 +108,12 @@ def key_label(role: str, key: str) -> ConfigKey:
 
 
 def read_file(path: str, label: ConfigKey) -> bytes:
-    """The contents of a configured file; CredentialsError if it cannot be read."""
+    """The contents of a configured PEM file (regular, at most MAX_PEM_BYTES,
+    never blocking: see tlshd.config.read_bounded); CredentialsError otherwise."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise CredentialsError(path, label, "file not found") from None
-    except IsADirectoryError:
-        raise CredentialsError(path, label, "is a directory") from None
-    except OSError as err:
-        raise CredentialsError(path, label, f"cannot read: {err.strerror}") from None
+        return read_bounded(path, MAX_PEM_BYTES)
+    except FileProblem as problem:
+        raise CredentialsError(path, label, str(problem)) from None
 
 
 def pem_blocks(data: bytes, kind: bytes) -> list[bytes]:
@@ -189,6 +196,7 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
         label = key_label(role, "x509.private_key")
         _reject_url(rc.private_key, label)
         key = parse_private_key(read_file(rc.private_key, label), rc.private_key, label)
+        _warn_if_key_exposed(rc.private_key, label)
         if chain and not key_matches_certificate(key, chain[0]):
             raise CredentialsError(
                 rc.private_key, label, f"does not match the certificate in {rc.certificate}"
@@ -207,6 +215,24 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
         crls = parse_crls(read_file(rc.crl, label), rc.crl, label)
         crl_pem = _pem(crls)
     return RoleCredentials(chain_pem, key_pem, trust_pem, crl_pem)
+
+
+def _warn_if_key_exposed(path: str, label: str) -> None:
+    """Said at every start and reload, not only by --check-config."""
+    problem = key_exposure(path)
+    if problem:
+        log.warning("%s: %s: %s", path, label, problem)
+
+
+def key_exposure(path: str) -> str | None:
+    """Why the private key file at `path` is readable by others than its owner, or None."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if mode & 0o077:
+        return f"mode {mode:04o} lets group/other read the key; expected 0600"
+    return None
 
 
 def load_credentials(config: Config) -> Credentials:
@@ -335,8 +361,8 @@ def _check_path(out: _Findings, path: str, label: ConfigKey, secret: bool) -> No
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != 0:
         out.warning(path, label, f"owned by uid {st.st_uid}, expected root")
-    if secret and mode & 0o077:
-        out.warning(path, label, f"mode {mode:04o} lets group/other read the key; expected 0600")
+    if secret and key_exposure(path):
+        out.warning(path, label, key_exposure(path) or "")
     elif not secret and mode & 0o022:
         out.warning(path, label, f"mode {mode:04o} is group/other-writable; expected 0644")
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
+from tlshd.keys import KeyMaterial
 from tlshd.params import HandshakeResult
-from tlshd.uapi import MAX_ERRNO
+from tlshd.uapi import MAX_ERRNO, MAX_REMOTE_AUTH
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 1
@@ -31,13 +33,31 @@ MAX_FDS = 1
 # making the supervisor hold large strings.
 MAX_PHASE_LEN = 32
 MAX_PEER_LEN = 512
-MAX_IDENTITY_LEN = 1024
-MAX_DESCRIPTION_LEN = 1024
 MAX_DETAIL_LEN = 2048
 MAX_CIPHER_LEN = 64
-MAX_CERT_DER = 64 * 1024
-MAX_REMOTE_AUTH = 5  # the kernel keeps at most five REMOTE_AUTH serials
 U32_MAX = 0xFFFFFFFF
+# The deepest legitimate message is {"result": {"remote_auth": [...]}}: 3 levels.
+MAX_DEPTH = 4
+
+# --- limits shared by the worker and the supervisor: one definition each ----
+# A worker trims what it sends to these, the supervisor kills a worker that
+# exceeds them; so an honest worker is never killed over data a peer chose.
+
+# nfsd only tests REMOTE_AUTH for non-zero; upstream sends UINT_MAX per verified
+# client certificate since 1.3.0 instead of adding it to a keyring.
+X509_SERVER_PEER_ID = 0xFFFFFFFF
+# key_serial_t is a positive int32.
+MAX_SERIAL = 2**31 - 1
+# KEY_MAX_DESC_SIZE (include/linux/key.h) is 4096 bytes including the NUL: a
+# longer description (PSK identity, certificate description) names no key.
+MAX_KEY_DESCRIPTION = 4095
+# A peer certificate added to the keyring (DER).
+MAX_CERT_DER = 64 * 1024
+# PSK identities looked up for one request: a ClientHello may carry thousands
+# (RFC 8446 §4.2.11 allows 2^16 bytes of them); each costs keyring searches in
+# the supervisor.  NVMe/TCP hosts offer one, generated and retained PSKs at most
+# a handful.
+MAX_PSK_IDENTITIES = 16
 
 WORKER_OPS = frozenset({"ready", "phase", "key_read", "psk_search", "add_cert", "result"})
 KEY_OPS = frozenset({"key_read", "psk_search", "add_cert"})
@@ -55,17 +75,54 @@ def encode(message: dict[str, Any]) -> bytes:
     return data
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode(data: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
+    """The message in `data`, or IpcError: whatever the bytes, nothing else escapes.
+
+    json.loads recurses once per nesting level, so ~2 KB of "[" from a worker
+    raise RecursionError (not a ValueError); NaN/Infinity are not JSON; an
+    integer of over 4300 digits raises ValueError (sys.int_info
+    .str_digits_check_threshold).  After parsing, `_check_tree` bounds the
+    nesting and refuses strings that are not valid Unicode (a lone surrogate
+    cannot be encoded for the log or the status socket)."""
     try:
-        message = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise IpcError(f"not JSON: {err}") from None
+        message = json.loads(data, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise IpcError(f"not JSON: {str(err)[:200]}") from None
     if not isinstance(message, dict):
         raise IpcError("not a JSON object")
+    _check_tree(message)
     op = message.get("op")
     if op not in allowed_ops:
         raise IpcError(f"unknown op {op!r}")
     return message
+
+
+def _check_tree(message: dict[str, Any]) -> None:
+    """Depth at most MAX_DEPTH, every string (key or value) valid UTF-8."""
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value)
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise IpcError(f"nested deeper than {MAX_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_unicode(key)
+                stack.append((item, depth + 1))
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise IpcError("a string is not valid Unicode (lone surrogate)") from None
 
 
 def send_message(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
@@ -152,34 +209,140 @@ def check_req(message: dict[str, Any], expected: int | None) -> int:
     return req
 
 
+# --- the key protocol ---------------------------------------------------------
+
+
+def is_key_description(value: object) -> bool:
+    """Whether `value` can be a kernel key description: text of 1..4095 UTF-8
+    bytes without NUL (decode has already refused lone surrogates)."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= MAX_KEY_DESCRIPTION
+        and "\0" not in value
+        and len(value.encode("utf-8", "surrogatepass")) <= MAX_KEY_DESCRIPTION
+    )
+
+
+def fit_key_description(text: str) -> str:
+    """`text` made a valid key description: NULs dropped, cut to the byte limit
+    at a character boundary (for descriptions the daemon builds from peer data)."""
+    data = text.replace("\0", "").encode("utf-8", "replace")[:MAX_KEY_DESCRIPTION]
+    return data.decode("utf-8", "ignore") or "?"
+
+
+def _check_serial(message: dict[str, Any], key: str) -> int:
+    return check_int(message, key, 1, MAX_SERIAL)
+
+
 @dataclass(frozen=True)
 class KeyRequest:
-    """A worker's key request, validated; `args` go to SupervisorKeyService."""
+    """A worker's request for kernel keys; `op` says which fields matter.
+
+    key_read:   `serial`, one the request's ACCEPT named
+    psk_search: `identities`, the PSK identities the peer's ClientHello offered,
+                in order (at most MAX_PSK_IDENTITIES); `keyring` from ACCEPT
+    add_cert:   `der` and `description` of a verified peer certificate
+    """
 
     op: str
-    id: int
-    args: dict[str, Any]
+    id: int = 0
+    serial: int = 0
+    identities: tuple[str, ...] = ()
+    keyring: int | None = None
+    der: bytes = b""
+    description: str = ""
 
+    def to_message(self, req: int) -> dict[str, Any]:
+        message: dict[str, Any] = {"op": self.op, "req": req, "id": self.id}
+        if self.op == "key_read":
+            message["serial"] = self.serial
+        elif self.op == "psk_search":
+            message["identities"] = list(self.identities)
+            message["keyring"] = self.keyring
+        elif self.op == "add_cert":
+            message["der_b64"] = b64encode(self.der)
+            message["description"] = self.description
+        return message
 
-def check_key_request(message: dict[str, Any]) -> KeyRequest:
-    op = message["op"]
-    request_id = check_int(message, "id", 0, 2**31 - 1)
-    if op == "key_read":
-        args: dict[str, Any] = {"serial": check_int(message, "serial", 1, 2**31 - 1)}
-    elif op == "psk_search":
-        args = {
-            "identity": check_str(message, "identity", MAX_IDENTITY_LEN),
-            "keyring": check_optional_int(message, "keyring", 0, 2**31 - 1),
-        }
-    elif op == "add_cert":
-        b64decode(message.get("der_b64"), MAX_CERT_DER)  # well-formed, bounded
-        args = {
-            "der_b64": message["der_b64"],
-            "description": check_str(message, "description", MAX_DESCRIPTION_LEN),
-        }
-    else:
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> KeyRequest:
+        """The one validator of key requests; IpcError on anything malformed."""
+        op = message.get("op")
+        request_id = check_int(message, "id", 0, 2**31 - 1)
+        if op == "key_read":
+            return cls(op, request_id, serial=_check_serial(message, "serial"))
+        if op == "psk_search":
+            identities = message.get("identities")
+            if (
+                not isinstance(identities, list)
+                or not 0 < len(identities) <= MAX_PSK_IDENTITIES
+                or not all(is_key_description(i) for i in identities)
+            ):
+                raise IpcError(
+                    f"field 'identities' is not a list of 1..{MAX_PSK_IDENTITIES} "
+                    f"key descriptions of at most {MAX_KEY_DESCRIPTION} bytes"
+                )
+            keyring = check_optional_int(message, "keyring", 0, MAX_SERIAL) or None
+            return cls(op, request_id, identities=tuple(identities), keyring=keyring)
+        if op == "add_cert":
+            der = b64decode(message.get("der_b64"), MAX_CERT_DER)
+            description = message.get("description")
+            if not der or len(der) > MAX_CERT_DER or not is_key_description(description):
+                raise IpcError("add_cert needs a DER certificate and a key description")
+            assert isinstance(description, str)
+            return cls(op, request_id, der=der, description=description)
         raise IpcError(f"{op!r} is not a key request")
-    return KeyRequest(op=op, id=request_id, args=args)
+
+
+@dataclass(frozen=True)
+class KeyReply:
+    """The supervisor's answer to one KeyRequest."""
+
+    ok: bool = False
+    errno: int = 0
+    serial: int = 0
+    description: str = ""
+    payload: bytes = b""
+
+    @classmethod
+    def failure(cls, err: int, serial: int = 0) -> KeyReply:
+        return cls(ok=False, errno=err, serial=serial)
+
+    @classmethod
+    def of(cls, material: KeyMaterial | None) -> KeyReply:
+        """A found key, or ENOKEY for None."""
+        if material is None:
+            return cls.failure(errno.ENOKEY)
+        return cls(True, 0, material.serial, material.description, material.payload)
+
+    def material(self) -> KeyMaterial:
+        return KeyMaterial(self.serial, self.description, self.payload)
+
+    def to_message(self, request_id: int) -> dict[str, Any]:
+        return {
+            "op": "key_reply",
+            "id": request_id,
+            "ok": self.ok,
+            "errno": self.errno,
+            "serial": self.serial,
+            "description": self.description,
+            "payload_b64": b64encode(self.payload),
+        }
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> KeyReply:
+        """Absent fields take their defaults; present ones must be well-formed."""
+        fields = {"errno": 0, "serial": 0, "description": "", "payload_b64": "", **message}
+        ok = fields.get("ok")
+        if type(ok) is not bool:
+            raise IpcError("field 'ok' is not a boolean")
+        return cls(
+            ok=ok,
+            errno=check_int(fields, "errno", 0, MAX_ERRNO),
+            serial=check_int(fields, "serial", 0, MAX_SERIAL),
+            description=check_str(fields, "description", MAX_KEY_DESCRIPTION),
+            payload=b64decode(fields["payload_b64"], MAX_MESSAGE),
+        )
 
 
 def check_result(message: dict[str, Any]) -> HandshakeResult:

@@ -9,6 +9,7 @@ supervisor answers it with tlshd.keyring.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,10 +34,11 @@ class KeyService(Protocol):
         """Read a key by serial (payload and description). Raises KeyServiceError."""
         ...
 
-    def search_psk(self, identity: str, keyring: int | None) -> KeyMaterial | None:
-        """Find a key of type "psk" with description `identity` in the keyrings
-        the daemon serves (.nvme, .nfs, .nfsd, configured ones, plus `keyring`
-        from ACCEPT).  None if there is no such key."""
+    def search_psks(self, identities: Sequence[str], keyring: int | None) -> KeyMaterial | None:
+        """The key of type "psk" described by the first of `identities` (those a
+        peer's ClientHello offered, in order) found in the keyrings the daemon
+        serves (.nvme, .nfs, .nfsd, configured ones, plus `keyring` from ACCEPT).
+        None if there is none.  Asked at most once per handshake."""
         ...
 
     def add_peer_certificate(self, der: bytes, description: str) -> int:

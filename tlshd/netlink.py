@@ -40,6 +40,7 @@ from tlshd.uapi import (
     HANDSHAKE_FAMILY_VERSION,
     HANDSHAKE_MCGRP_TLSHD,
     MAX_ERRNO,
+    MAX_REMOTE_AUTH,
     NETLINK_ADD_MEMBERSHIP,
     NETLINK_EXT_ACK,
     NETLINK_GENERIC,
@@ -95,8 +96,6 @@ _S32 = struct.Struct("=i")
 RECV_BUFSIZE = 65536  # the kernel caps netlink dump skbs at 32 KiB
 COMMAND_TIMEOUT_S = 5.0
 MAX_NOTIFY_DATAGRAMS = 1024  # per read_notifications() call; the rest wait for the next poll
-# The kernel keeps at most this many REMOTE_AUTH serials (net/handshake/tlshd.c).
-MAX_REMOTE_AUTH = 5
 # Attributes the DONE op has known since v6.5, used when GETPOLICY is unavailable.
 DEFAULT_DONE_MAXATTR = int(DoneAttr.REMOTE_AUTH)
 

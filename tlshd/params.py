@@ -10,6 +10,8 @@ closed, as upstream's tlshd_default_handshake_parms does.
 from __future__ import annotations
 
 import errno
+import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,3 +58,17 @@ class HandshakeResult:
         data = asdict(self)
         data["remote_auth"] = list(self.remote_auth)
         return data
+
+
+def role_name(message_type: int) -> str:
+    """ "clienthello"/"serverhello": the role of a request in logs, titles and status."""
+    try:
+        return MsgType(message_type).name.lower()
+    except ValueError:
+        return f"type{message_type}"
+
+
+# A handshake engine, as the worker calls it: (socket, ACCEPT parameters,
+# workers.engine.HandshakeContext) -> result.  The real one is
+# tlshd.workers.engine.perform_handshake; tests pass fakes.
+Engine = Callable[[socket.socket, HandshakeParams, Any], HandshakeResult]

@@ -57,6 +57,8 @@ DoneAttr = IntEnum("DoneAttr", {"STATUS": 1, "SOCKFD": 2, "REMOTE_AUTH": 3, "TAG
 
 # The kernel bounds DONE's STATUS with NLA_POLICY_MAX(NLA_U32, MAX_ERRNO).
 MAX_ERRNO = 4095
+# The kernel keeps at most this many REMOTE_AUTH serials (net/handshake/tlshd.c).
+MAX_REMOTE_AUTH = 5
 TLS_NO_PEERID = 0
 
 # kTLS (include/uapi/linux/tls.h).  Python has no SOL_TLS constants.

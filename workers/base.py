@@ -34,10 +34,12 @@ from typing import Any
 
 from tlshd import ipc
 from tlshd.log import log
+from tlshd.params import Engine
 from tlshd.proctitle import set_title
 
-from .handshake import Engine, HandshakeJob
+from .handshake import HandshakeJob
 from .privileges import PrivilegeError, drop_privileges
+from .seccomp import install_worker_filter
 
 WORKER_BOOT_ERROR = 3  # same value as tlshd.supervisor.pool.WORKER_BOOT_ERROR
 PARENT_CHECK_INTERVAL_MS = 1000
@@ -80,6 +82,7 @@ class Worker:
         config = self.generation.config
         try:
             drop_privileges(config.worker.user, config.worker.drop_privileges)
+            install_worker_filter()  # before any peer data: workers/seccomp.py
         except (PrivilegeError, OSError) as err:
             log.error("worker %d cannot drop privileges: %s", os.getpid(), err)
             sys.exit(WORKER_BOOT_ERROR)

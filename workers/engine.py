@@ -13,15 +13,17 @@ reported once both TLS_TX and TLS_RX were installed.
 from __future__ import annotations
 
 import contextlib
+import encodings.idna
+import encodings.punycode  # noqa: F401
 import errno
 import logging
 import select
 import socket
-import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from OpenSSL._util import lib
 from tlshd.workers import ktls, psk, tlsctx, verify
@@ -29,15 +31,19 @@ from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY
 
 from tlshd.config import Config
 from tlshd.credentials import Credentials, RoleCredentials
-from tlshd.keys import KeyService, KeyServiceError
+from tlshd.ipc import MAX_REMOTE_AUTH, X509_SERVER_PEER_ID
+from tlshd.keys import KeyMaterial, KeyService, KeyServiceError
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import IPPROTO_TCP, AuthMode, MsgType
 
-# nfsd only tests REMOTE_AUTH for non-zero; upstream sends UINT_MAX per verified
-# client certificate since 1.3.0 instead of adding it to a keyring.
-X509_SERVER_PEER_ID = 0xFFFFFFFF
-
+# Everything the engine uses is imported at module level, in the supervisor,
+# before a worker forks and drops privileges: afterwards the Python installation
+# may be unreadable to the worker's account (a pyenv under /root, mode 0700), so
+# a lazy import fails.  The `idna` codec is such a lazy import: str.encode("idna")
+# (verify.expect_peer, for a non-ASCII PEERNAME) imports encodings.idna (with
+# stringprep and unicodedata) and encodings.punycode on first use.
 _PREMATURE_CLOSE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+ALERT_FLUSH_S = 0.5  # at most this long to send a failure alert, within the deadline
 
 
 @dataclass
@@ -107,9 +113,9 @@ def _perform(
         )
     req = _Request(sock, params, ctx, is_server=params.message_type == MsgType.SERVERHELLO)
     prepare(req)
-    with _SocketOptions(sock) as options:
+    with _NoDelay(sock):
         ctx.set_phase("serverhello" if req.is_server else "clienthello")
-        _drive_handshake(req, options)
+        _drive_handshake(req)
         _after_handshake(req)
         ctx.set_phase("ktls")
         cipher = _hand_off_to_ktls(req)
@@ -130,7 +136,8 @@ def _require_tcp(sock: socket.socket) -> None:
 
 
 def _new_connection(req: _Request, context: SSL.Context) -> SSL.Connection:
-    conn = SSL.Connection(context, req.sock)
+    # Memory BIOs: the engine moves the bytes itself (see _drive_handshake).
+    conn = SSL.Connection(context, None)
     if req.is_server:
         conn.set_accept_state()
     else:
@@ -213,10 +220,14 @@ def _prepare_server_psk(req: _Request) -> None:
     context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
     keys, keyring = req.ctx.keys, req.params.keyring
 
-    def lookup(identity: str):  # type: ignore[no-untyped-def]
-        return keys.search_psk(identity, keyring)
+    def search(identities: Sequence[str]) -> KeyMaterial | None:
+        try:
+            return keys.search_psks(identities, keyring)
+        except KeyServiceError as err:
+            req.log.warning("PSK search failed: %s", err)
+            return None
 
-    psk.install_server_psk(context, req.state, lookup)
+    psk.install_server_psk(context, req.state, search)
     _new_connection(req, context)
 
 
@@ -291,80 +302,126 @@ _PREPARERS: dict[tuple[int, int], Callable[[_Request], None]] = {
 # ------------------------------------------------------------------- driving
 
 
-class _SocketOptions:
-    """TCP_NODELAY on during the handshake (as upstream), and, on a blocking fd,
-    SO_RCVTIMEO/SO_SNDTIMEO bounded by the deadline.
-
-    OpenSSL reads a record header, then its body, with separate read() calls, so
-    poll() saying "readable" does not stop a blocking read from hanging on a peer
-    that stalls mid-record.  The timeouts are socket options, not file status
-    flags, so setting them leaves O_NONBLOCK alone; old values are put back.
-    """
+class _NoDelay:
+    """TCP_NODELAY on during the handshake (as upstream); the old value is put back."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.saved: list[tuple[int, int, bytes | int]] = []
-        self.blocking = False
+        self.saved: int | None = None
 
-    def __enter__(self) -> _SocketOptions:
-        self._save(socket.IPPROTO_TCP, socket.TCP_NODELAY, None)
+    def __enter__(self) -> _NoDelay:
+        self.saved = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.blocking = _fd_is_blocking(self.sock)
-        if self.blocking:
-            self._save(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
-            self._save(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)
         return self
 
-    def _save(self, level: int, option: int, size: int | None) -> None:
-        if size is None:
-            self.saved.append((level, option, self.sock.getsockopt(level, option)))
-        else:
-            self.saved.append((level, option, self.sock.getsockopt(level, option, size)))
-
-    def bound_blocking_io(self, deadline: float) -> None:
-        if not self.blocking:
-            return
-        remaining = max(deadline - time.monotonic(), 0.001)  # 0 would mean "forever"
-        seconds = int(remaining)
-        timeval = struct.pack("@ll", seconds, int((remaining - seconds) * 1_000_000) or 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
     def __exit__(self, *_exc: object) -> None:
-        for level, option, value in reversed(self.saved):
-            # if the fd went away, the kernel consumer sees that failure itself
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(level, option, value)
+        # if the fd went away, the kernel consumer sees that failure itself
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, self.saved or 0)
 
 
-def _fd_is_blocking(sock: socket.socket) -> bool:
-    import fcntl
-    import os
+class _RecordReader:
+    """Reads the peer's bytes for OpenSSL's memory BIO, never past the record
+    OpenSSL is waiting for.
 
-    return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    OpenSSL on a socket BIO reads a record header, then its body, in blocking
+    read() calls that a peer dripping one byte at a time keeps alive forever;
+    SO_RCVTIMEO bounds each read, not the handshake.  Here every read is a
+    recv(MSG_DONTWAIT) after a poll() bounded by the deadline, so the deadline
+    is checked between any two bytes, and the socket's O_NONBLOCK flag (the
+    consumer's) is never touched.  Reading stops at the end of the current
+    record (RFC 8446 §5.1 header: type, version, uint16 length): bytes after the
+    last handshake record belong to the kernel once kTLS is installed.
+    """
+
+    HEADER = 5
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.header = b""
+        self.body_left = 0
+
+    def want(self) -> int:
+        return self.body_left if self.body_left else self.HEADER - len(self.header)
+
+    def read_into(self, conn: SSL.Connection, deadline: float) -> None:
+        _wait(self.sock, select.POLLIN, deadline)
+        try:
+            data = self.sock.recv(self.want(), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            if err.errno in _PREMATURE_CLOSE_ERRNOS:
+                raise _premature_close() from err
+            raise HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}") from err
+        if not data:
+            raise _premature_close()
+        conn.bio_write(data)
+        if self.body_left:
+            self.body_left -= len(data)
+            return
+        self.header += data
+        if len(self.header) == self.HEADER:
+            self.body_left = int.from_bytes(self.header[3:5], "big")
+            self.header = b""
 
 
-def _drive_handshake(req: _Request, options: _SocketOptions) -> None:
+def _premature_close() -> HandshakeFailure:
+    # upstream maps GnuTLS's PREMATURE_TERMINATION to ETIMEDOUT so the
+    # consumer retries (NFS writeback) instead of failing hard
+    return HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection during the handshake")
+
+
+def _flush(req: _Request, deadline: float) -> None:
+    """Send everything OpenSSL wrote to its memory BIO."""
+    conn = req.conn
+    assert conn is not None
+    while True:
+        try:
+            data = conn.bio_read(65536)
+        except SSL.WantReadError:
+            return
+        while data:
+            _wait(req.sock, select.POLLOUT, deadline)
+            try:
+                sent = req.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as err:
+                if err.errno in _PREMATURE_CLOSE_ERRNOS:
+                    raise _premature_close() from err
+                raise HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}") from err
+            data = data[sent:]
+
+
+def _drive_handshake(req: _Request) -> None:
     conn = req.conn
     assert conn is not None
     deadline = req.ctx.deadline
+    reader = _RecordReader(req.sock)
     while True:
         if time.monotonic() >= deadline:
             raise HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
-        options.bound_blocking_io(deadline)
         try:
             conn.do_handshake()
-            return
         except SSL.WantReadError:
-            _wait(req.sock, select.POLLIN, deadline)
-        except SSL.WantWriteError:
-            _wait(req.sock, select.POLLOUT, deadline)
+            _flush(req, deadline)
+            reader.read_into(conn, deadline)
+            continue
         except SSL.ZeroReturnError as err:
             raise HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection") from err
-        except SSL.SysCallError as err:
-            raise _syscall_failure(err) from err
         except SSL.Error as err:
-            raise _tls_failure(req, err) from err
+            failure = _tls_failure(req, err)
+            _flush_alert(req)
+            raise failure from err
+        _flush(req, deadline)  # our last flight (the client's Finished)
+        return
+
+
+def _flush_alert(req: _Request) -> None:
+    """Best effort: the alert OpenSSL queued when the handshake failed."""
+    with contextlib.suppress(HandshakeFailure, OSError):
+        _flush(req, min(req.ctx.deadline, time.monotonic() + ALERT_FLUSH_S))
 
 
 def _wait(sock: socket.socket, events: int, deadline: float) -> None:
@@ -375,17 +432,6 @@ def _wait(sock: socket.socket, events: int, deadline: float) -> None:
     poller.register(sock.fileno(), events)
     if not poller.poll(max(1, int(remaining * 1000 + 0.999))):
         raise HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
-
-
-def _syscall_failure(err: SSL.SysCallError) -> HandshakeFailure:
-    code = err.args[0] if err.args else -1
-    if code == -1 or code in _PREMATURE_CLOSE_ERRNOS:
-        # upstream maps GnuTLS's PREMATURE_TERMINATION to ETIMEDOUT so the
-        # consumer retries (NFS writeback) instead of failing hard
-        return HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection during the handshake")
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")
-    return HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}")
 
 
 def _tls_failure(req: _Request, err: SSL.Error) -> HandshakeFailure:
@@ -443,21 +489,26 @@ def _check_psk_used(req: _Request) -> None:
 
 
 def _server_x509_peer_ids(conn: SSL.Connection) -> tuple[int, ...]:
-    """UINT_MAX per certificate the (verified) client presented; () without one."""
+    """UINT_MAX per certificate the (verified) client presented, at most
+    MAX_REMOTE_AUTH of them; () without one."""
     if conn.get_peer_certificate() is None:
         return ()
     # OpenSSL leaves the leaf out of a server's view of the peer chain
-    return (X509_SERVER_PEER_ID,) * (1 + len(conn.get_peer_cert_chain() or []))
+    count = 1 + len(conn.get_peer_cert_chain() or [])
+    return (X509_SERVER_PEER_ID,) * min(count, MAX_REMOTE_AUTH)
 
 
 def _client_x509_peer_ids(req: _Request) -> tuple[int, ...]:
-    """As upstream: each server certificate becomes an "asymmetric" key (0 on failure)."""
+    """As upstream: each server certificate becomes an "asymmetric" key.
+
+    Only the first MAX_REMOTE_AUTH certificates of the chain (leaf first) are
+    added: the kernel keeps no more.  A certificate the kernel refuses (an
+    Ed25519 key where the asymmetric key type lacks it: ENOPKG) gives no
+    serial and is left out; the verified session still succeeds."""
     conn = req.conn
     assert conn is not None
     ids: list[int] = []
-    for cert in conn.get_peer_cert_chain(as_cryptography=True) or []:
-        from cryptography.hazmat.primitives.serialization import Encoding
-
+    for cert in (conn.get_peer_cert_chain(as_cryptography=True) or [])[:MAX_REMOTE_AUTH]:
         try:
             serial = req.ctx.keys.add_peer_certificate(
                 cert.public_bytes(Encoding.DER), f"TLS x509 {req.peername}"
@@ -465,7 +516,10 @@ def _client_x509_peer_ids(req: _Request) -> tuple[int, ...]:
         except Exception as err:  # a keyring problem must not fail a verified session
             req.log.warning("cannot add peer certificate to the keyring: %s", err)
             serial = 0
-        ids.append(serial)
+        if serial:
+            ids.append(serial)
+        else:
+            req.log.warning("peer certificate %s not added to the keyring", cert.subject)
     return tuple(ids)
 
 

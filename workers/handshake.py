@@ -22,7 +22,7 @@ import errno
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlshd.workers.engine import HandshakeContext
@@ -30,16 +30,18 @@ from tlshd.workers.ktls import install_ktls
 
 from tlshd import ipc
 from tlshd.keys import KeyMaterial, KeyServiceError
-from tlshd.log import HandshakeLogAdapter, handshake_logger, log
-from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.log import HandshakeLogAdapter, handshake_logger, log, peer_name
+from tlshd.params import Engine, HandshakeParams, HandshakeResult, role_name
 from tlshd.proctitle import set_title
-from tlshd.uapi import MsgType
-
-Engine = Callable[[socket.socket, HandshakeParams, Any], HandshakeResult]
 
 
 class IpcKeyService:
-    """tlshd.keys.KeyService over the worker's channel to the supervisor."""
+    """tlshd.keys.KeyService over the worker's channel to the supervisor.
+
+    Requests use tlshd.ipc.KeyRequest and its limits; what a peer chose that
+    cannot fit them (a PSK identity longer than any key description, more
+    identities than MAX_PSK_IDENTITIES, a huge certificate) is left out here,
+    so the supervisor never sees a request it must treat as junk."""
 
     def __init__(self, channel: socket.socket, req_id: int, deadline: float) -> None:
         self._channel = channel
@@ -48,45 +50,51 @@ class IpcKeyService:
         self._next_id = 1
 
     def read_key(self, serial: int) -> KeyMaterial:
-        reply = self._ask("key_read", serial=serial)
-        return self._material(reply, f"key {serial}")
+        if not 0 < serial <= ipc.MAX_SERIAL:  # from ACCEPT: no key has it
+            raise KeyServiceError(f"key {serial}: not a key serial", errno.ENOKEY)
+        reply = self._ask(ipc.KeyRequest("key_read", serial=serial))
+        if not reply.ok:
+            raise self._error(reply, f"key {serial}")
+        return reply.material()
 
-    def search_psk(self, identity: str, keyring: int | None) -> KeyMaterial | None:
-        reply = self._ask("psk_search", identity=identity, keyring=keyring)
-        if not reply.get("ok") and reply.get("errno") == errno.ENOKEY:
+    def search_psks(self, identities: Sequence[str], keyring: int | None) -> KeyMaterial | None:
+        usable = [i for i in identities if ipc.is_key_description(i)][: ipc.MAX_PSK_IDENTITIES]
+        if not usable:
             return None
-        if reply.get("ok") and not reply.get("serial"):
+        reply = self._ask(
+            ipc.KeyRequest("psk_search", identities=tuple(usable), keyring=keyring or None)
+        )
+        if reply.ok:
+            return reply.material() if reply.serial else None
+        if reply.errno == errno.ENOKEY:
             return None
-        return self._material(reply, f"PSK {identity!r}")
+        raise self._error(reply, "PSK search")
 
     def add_peer_certificate(self, der: bytes, description: str) -> int:
-        reply = self._ask("add_cert", der_b64=ipc.b64encode(der), description=description)
-        if not reply.get("ok"):
+        if not der or len(der) > ipc.MAX_CERT_DER:
             return 0
-        serial = reply.get("serial")
-        return serial if type(serial) is int and serial > 0 else 0
-
-    def _material(self, reply: dict[str, Any], what: str) -> KeyMaterial:
-        if not reply.get("ok"):
-            err = reply.get("errno") if type(reply.get("errno")) is int else errno.ENOKEY
-            raise KeyServiceError(
-                f"{what}: {reply.get('message') or errno.errorcode.get(err)}", err
-            )
-        payload = ipc.b64decode(reply.get("payload_b64", ""), ipc.MAX_MESSAGE)
-        return KeyMaterial(
-            serial=int(reply.get("serial") or 0),
-            description=str(reply.get("description") or ""),
-            payload=payload,
+        reply = self._ask(
+            ipc.KeyRequest("add_cert", der=der, description=ipc.fit_key_description(description))
         )
+        return reply.serial if reply.ok and reply.serial > 0 else 0
 
-    def _ask(self, op: str, **args: Any) -> dict[str, Any]:
+    @staticmethod
+    def _error(reply: ipc.KeyReply, what: str) -> KeyServiceError:
+        err = reply.errno or errno.ENOKEY
+        return KeyServiceError(f"{what}: {errno.errorcode.get(err, err)}", err)
+
+    def _ask(self, request: ipc.KeyRequest) -> ipc.KeyReply:
         request_id = self._next_id
         self._next_id += 1
-        ipc.send_message(self._channel, {"op": op, "req": self._req_id, "id": request_id, **args})
+        request = dataclasses.replace(request, id=request_id)
+        ipc.send_message(self._channel, request.to_message(self._req_id))
         while True:
-            reply = self._receive_reply()
-            if reply.get("id") == request_id:
-                return reply
+            message = self._receive_reply()
+            if message.get("id") == request_id:
+                try:
+                    return ipc.KeyReply.from_message(message)
+                except ipc.IpcError as err:
+                    raise KeyServiceError(f"bad key reply: {err}", errno.EIO) from None
 
     def _receive_reply(self) -> dict[str, Any]:
         remaining = self._deadline - time.monotonic()
@@ -101,24 +109,6 @@ class IpcKeyService:
         if message is None:
             raise KeyServiceError("supervisor closed the channel", errno.EIO)
         return message
-
-
-def phase_for(params: HandshakeParams) -> str:
-    try:
-        return MsgType(params.message_type).name.lower()
-    except ValueError:
-        return "handshake"
-
-
-def worker_peer_name(sock: socket.socket, params: HandshakeParams) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    except (OSError, ValueError, TypeError):
-        address = ""
-    if params.peername:
-        return f"{params.peername} ({address})" if address else params.peername
-    return address or "unknown peer"
 
 
 class HandshakeJob:
@@ -147,9 +137,9 @@ class HandshakeJob:
     def run(self) -> HandshakeResult:
         sock = socket.socket(fileno=self.fd)
         try:
-            self.peer = worker_peer_name(sock, self.params)
+            self.peer = peer_name(sock, self.params.peername)
             self.log = handshake_logger(self.req_id, self.peer)
-            self.set_phase(phase_for(self.params))
+            self.set_phase(role_name(self.params.message_type))
             result = self._call_engine(sock)
         finally:
             sock.close()

@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
+
+# At module level, not in _aead: workers cannot import after dropping privileges.
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,11 +150,79 @@ def install_client_psk(ctx: SSL.Context, state: TlsState, psk: Psk) -> None:
     lib.SSL_CTX_set_psk_use_session_callback(ctx._context, use_session)
 
 
+# ClientHello layout (RFC 8446 §4.1.2) and the pre_shared_key extension (§4.2.11)
+EXT_PRE_SHARED_KEY = 41
+_HANDSHAKE_HEADER = 4  # msg_type, uint24 length
+_RANDOM_AND_VERSION = 2 + 32
+
+
+def offered_identities(client_hello: bytes) -> list[bytes]:
+    """The PSK identities a ClientHello handshake message offers, in order.
+
+    [] when it has no pre_shared_key extension or is malformed (OpenSSL then
+    rejects it anyway)."""
+    try:
+        view = memoryview(client_hello)
+        pos = _HANDSHAKE_HEADER + _RANDOM_AND_VERSION
+        _, pos = _vector(view, pos, 1)  # legacy_session_id
+        _, pos = _vector(view, pos, 2)  # cipher_suites
+        _, pos = _vector(view, pos, 1)  # legacy_compression_methods
+        extensions, _ = _vector(view, pos, 2)
+        pos = 0
+        while pos < len(extensions):
+            (ext_type,) = struct.unpack_from("!H", extensions, pos)
+            data, pos = _vector(extensions, pos + 2, 2)
+            if ext_type == EXT_PRE_SHARED_KEY:
+                return _identities(data)
+    except (struct.error, ValueError):
+        pass
+    return []
+
+
+def _vector(view: memoryview, pos: int, length_size: int) -> tuple[memoryview, int]:
+    """The opaque vector at `pos` with a `length_size`-byte length, and the position after it."""
+    if pos + length_size > len(view):
+        raise ValueError("truncated")
+    length = int.from_bytes(view[pos : pos + length_size], "big")
+    start = pos + length_size
+    if start + length > len(view):
+        raise ValueError("truncated")
+    return view[start : start + length], start + length
+
+
+def _identities(extension: memoryview) -> list[bytes]:
+    listing, _ = _vector(extension, 0, 2)  # identities<7..2^16-1>
+    found: list[bytes] = []
+    pos = 0
+    while pos < len(listing):
+        identity, pos = _vector(listing, pos, 2)
+        pos += 4  # obfuscated_ticket_age
+        found.append(bytes(identity))
+    return found
+
+
 def install_server_psk(
-    ctx: SSL.Context, state: TlsState, lookup: Callable[[str], KeyMaterial | None]
+    ctx: SSL.Context,
+    state: TlsState,
+    search: Callable[[Sequence[str]], KeyMaterial | None],
 ) -> None:
-    """Look each offered identity up with `lookup`; abort with unknown_psk_identity
-    (RFC 8446 §4.2.11) when the client offered identities and none is known."""
+    """Serve the PSK of the first offered identity that `search` finds; abort
+    with unknown_psk_identity (RFC 8446 §4.2.11) when the client offered
+    identities and none is known.
+
+    `search` is asked once per handshake, with every identity the ClientHello
+    offered (the supervisor allows one search per request, see
+    supervisor/keyservice.RequestScope); OpenSSL then calls back per identity
+    and is given the session only for the one found."""
+    found: list[KeyMaterial | None] = []
+
+    def lookup(identity: str) -> KeyMaterial | None:
+        if not found:
+            offered = offered_identities(state.client_hello or b"")
+            texts = [text for text in map(_utf8, offered) if text is not None]
+            found.append(search(texts or [identity]))
+        material = found[0]
+        return material if material is not None and material.description == identity else None
 
     @ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
     def find_session(_ssl, identity, identity_len, sess_out):  # type: ignore[no-untyped-def]
@@ -168,8 +237,6 @@ def install_server_psk(
             sess_out[0] = new_psk_session(psk.key, psk.hash_name)
         except Exception:
             return 1  # an unusable key is treated like an unknown one
-        # OpenSSL stops at the first session whose hash fits the chosen suite; the
-        # server offers both hashes, so in practice that is the one returned last.
         state.psk_serial = psk.serial
         return 1
 
@@ -181,3 +248,10 @@ def install_server_psk(
     state.keepalive.append(find_session)
     lib.SSL_CTX_set_psk_find_session_callback(ctx._context, find_session)
     install_servername_callback(ctx, state, decide_alert)
+
+
+def _utf8(identity: bytes) -> str | None:
+    try:
+        return identity.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

@@ -36,6 +36,7 @@ TLS13_SUITES = (
 # TLS record content types and handshake message types (RFC 8446 §5.1, §4)
 CT_ALERT = 21
 CT_HANDSHAKE = 22
+HS_CLIENT_HELLO = 1
 HS_NEW_SESSION_TICKET = 4
 
 # Alert descriptions (RFC 8446 §6)
@@ -65,6 +66,9 @@ class TlsState:
     # PSK bookkeeping (workers/psk.py fills these)
     psk_identities_seen: int = 0
     psk_serial: int | None = None
+    # server role: the first ClientHello as received (the msg callback runs
+    # before OpenSSL parses its extensions), for the offered PSK identities
+    client_hello: bytes | None = None
     # keeps cffi callbacks and buffers alive as long as the handshake
     keepalive: list[Any] = field(default_factory=list)
 
@@ -103,7 +107,8 @@ def _keylog_callback(state: TlsState) -> Callable[[SSL.Connection, bytes], None]
 
 
 def _install_msg_callback(ctx: SSL.Context, state: TlsState) -> None:
-    """Count NewSessionTickets we write (they use up TX record numbers) and alerts."""
+    """Count NewSessionTickets we write (they use up TX record numbers) and
+    alerts; keep the first ClientHello received."""
 
     @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
     def on_message(write_p, _version, content_type, buf, length, _ssl, _arg):  # type: ignore[no-untyped-def]
@@ -112,6 +117,13 @@ def _install_msg_callback(ctx: SSL.Context, state: TlsState) -> None:
         data = ffi.cast("unsigned char *", buf)
         if content_type == CT_HANDSHAKE and write_p and data[0] == HS_NEW_SESSION_TICKET:
             state.nsts_written += 1
+        elif (
+            content_type == CT_HANDSHAKE
+            and not write_p
+            and data[0] == HS_CLIENT_HELLO
+            and state.client_hello is None
+        ):
+            state.client_hello = bytes(ffi.buffer(buf, length))
         elif content_type == CT_ALERT and length >= 2:
             (state.alerts_sent if write_p else state.alerts_received).append(data[1])
 

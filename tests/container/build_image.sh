@@ -164,7 +164,7 @@ check_image() {
     CTR=$("${BUILDAH[@]}" from --quiet "$image")
     run_in /opt/tlshd/bin/tlshd -v
     run_in /opt/tlshd/bin/tlshd --check-config
-    run_in /opt/tlshd/bin/python -c 'import pwd; pwd.getpwnam("nobody")'
+    run_in /opt/tlshd/bin/python -c 'import pwd; pwd.getpwnam("tlshd")'
     if [[ $target == runtime ]]; then
         expect_fail "a shell" /bin/sh -c true
         expect_fail "bash" /bin/bash -c true

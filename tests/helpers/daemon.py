@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from tests.fakekernel import FakeKernel
+from tests.fakekernel import FakeKernel, fake_install_ktls, fake_ktls_state
 from tlshd.config import load_config
 from tlshd.credentials import Credentials
 from tlshd.params import HandshakeResult
@@ -63,17 +63,20 @@ def config_text(
     return (
         "[debug]\nloglevel=1\n"
         f"[pool]\nmin_workers={min_workers}\nmax_workers={max_workers}\n"
-        f"[worker]\nhandshake_timeout_ms={timeout_ms}\nuser={user}\n"
-        f"drop_privileges={'true' if drop_privileges else 'false'}\n"
+        f"[worker]\nhandshake_timeout_ms={timeout_ms}\n"
+        + (f"user={user}\n" if user else "")  # "": the default account
+        + f"drop_privileges={'true' if drop_privileges else 'false'}\n"
         f"[status]\nsocket={status_socket}\n{extra}"
     )
 
 
 class NullKeyService:
-    """Answers every key request with ENOKEY, records what it saw."""
+    """Answers every key request with ENOKEY."""
 
-    def handle_for(self, scope: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": False, "errno": 126, "serial": 0, "description": "", "payload_b64": ""}
+    def answer(self, scope: Any, request: Any) -> Any:
+        from tlshd.ipc import KeyReply
+
+        return KeyReply.failure(126)
 
 
 @dataclass
@@ -196,6 +199,9 @@ def start_daemon(
         config_path.write_text(config or config_text(status_path))
     log_path = directory / "daemon.log"
     loaded = load_config(str(config_path))
+    # kTLS as the fake kernel emulates it (tests/fakekernel.py)
+    arbiter_kwargs.setdefault("install_ktls", fake_install_ktls)
+    arbiter_kwargs.setdefault("ktls_state", fake_ktls_state)
     netlink = kernel.make_netlink()
     become_subreaper()
     pid = os.fork()

@@ -10,10 +10,11 @@ import json
 import os
 import select
 import socket
+import struct
 import time
 from typing import Any
 
-from tests.fakekernel import FakeKernel
+from tests.fakekernel import FakeKernel, fake_install_ktls
 from tests.helpers.daemon import recv_exactly, tcp_pair
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import AuthMode, MsgType
@@ -28,6 +29,7 @@ def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hand
     if not sock.recv(1):
         return HandshakeResult(status=errno.ECONNRESET)
     sock.sendall(f"{ctx.config.worker.handshake_timeout_ms}\n".encode())
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
 
 
@@ -66,6 +68,14 @@ def junk_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hands
         _send(channel, {"op": "ready", "pid": os.getpid(), "generation": 1})
     elif kind == "phase-not-string":
         _send(channel, {"op": "phase", "req": req, "phase": ["x"], "peer": "p"})
+    elif kind == "deep-nesting":
+        channel.send(b"[" * 200_000)  # json.loads raises RecursionError
+    elif kind == "deep-nesting-in-object":
+        channel.send(b'{"op":"phase","req":%d,"phase":' % req + b"[" * 100_000)
+    elif kind == "lone-surrogate":
+        channel.send(b'{"op":"phase","req":%d,"phase":"\\ud800","peer":"p"}' % req)
+    elif kind == "huge-int":
+        channel.send(b'{"op":"key_read","req":%d,"id":' % req + b"9" * 5000 + b',"serial":1}')
     time.sleep(60)
     return HandshakeResult(status=0)
 
@@ -94,25 +104,16 @@ class ScopedKeyService:
     """A SupervisorKeyService stand-in honouring the request scope: reads
     only serials named in ACCEPT, adds certificates as serial 4242."""
 
-    def handle_for(self, scope: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        import base64
+    def answer(self, scope: Any, request: Any) -> Any:
+        from tlshd.ipc import KeyReply
 
-        def reply(ok: bool, err: int = 0, serial: int = 0, payload: bytes = b"") -> dict[str, Any]:
-            return {
-                "ok": ok,
-                "errno": err,
-                "serial": serial,
-                "description": "d",
-                "payload_b64": base64.b64encode(payload).decode(),
-            }
-
-        if op == "key_read":
-            if args["serial"] not in scope.allowed_serials:
-                return reply(False, errno.EACCES, args["serial"])
-            return reply(True, 0, args["serial"], f"secret-{args['serial']}".encode())
-        if op == "add_cert":
-            return reply(True, 0, 4242)
-        return reply(False, errno.ENOKEY)
+        if request.op == "key_read":
+            if request.serial not in scope.allowed_serials:
+                return KeyReply.failure(errno.EACCES, request.serial)
+            return KeyReply(True, 0, request.serial, "d", f"secret-{request.serial}".encode())
+        if request.op == "add_cert":
+            return KeyReply(True, 0, 4242, "d")
+        return KeyReply.failure(errno.ENOKEY)
 
 
 def key_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
@@ -128,18 +129,20 @@ def key_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Handsh
         denied = b"yes" if err.errno == errno.EACCES else b"??"
     serial = ctx.keys.add_peer_certificate(b"\x30\x03\x02\x01\x01", "peer cert")
     sock.sendall(material.payload + b" " + denied + b"\n")
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, remote_auth=(serial,), cipher="FAKE")
 
 
-def accept_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
-    """install_ktls stand-in for machines without tls.ko: checks the structs'
-    TLS 1.3 version field and installs nothing."""
-    import struct
+# install_ktls stand-in for machines without tls.ko (tests/fakekernel.py)
+accept_ktls = fake_install_ktls
+# What the fake engines hand to ctx.install_ktls: TLS 1.3, AES-128-GCM, zero keys.
+FAKE_CRYPTO_INFO = struct.pack("=HH", 0x0304, 51) + bytes(36)
 
-    for info in (tx_info, rx_info):
-        version, _cipher = struct.unpack_from("=HH", info)
-        if version != 0x0304:
-            raise OSError(errno.EINVAL, "not a TLS 1.3 crypto_info")
+
+def fake_ktls(sock: socket.socket, ctx: Any) -> None:
+    """A fake engine's success also programs (fake) kTLS, as the real one must:
+    the supervisor checks the socket before DONE(0)."""
+    ctx.install_ktls(sock, FAKE_CRYPTO_INFO, FAKE_CRYPTO_INFO)
 
 
 _HOARD: list[bytearray] = []
@@ -156,6 +159,7 @@ def verified_client_cert_engine(
 ) -> HandshakeResult:
     """Reports what the x509 server engine reports for a verified client
     certificate: UINT_MAX, a peer id that names no key (upstream's sentinel)."""
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, remote_auth=(0xFFFFFFFF,), cipher="FAKE")
 
 
@@ -170,6 +174,7 @@ def key_reading_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -
     except KeyringError:
         answer = b"DENY!"
     sock.sendall(answer)
+    fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE")
 
 

@@ -71,7 +71,7 @@ WHEEL_PLATFORMS: tuple[str, ...] = (
 # Kernel modules the initramfs needs to mount the 9p root and the overlay.
 INITRAMFS_MODULES: tuple[str, ...] = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 # Bump when the root recipe (what _build_root does beyond the inputs) changes.
-ROOT_RECIPE = "3"
+ROOT_RECIPE = "4"
 GUEST_VENV = "/opt/tlshd"
 MIN_FREE_BYTES = 4 * 1024**3
 
@@ -507,6 +507,11 @@ def build_root(cache: Path, base: Path, kernel: Kernel, wheels: Path) -> Path:
         "127.0.0.1 localhost tlshd-lab\n::1 localhost ip6-localhost\n127.0.0.99 wrongname\n"
     )
     (root / "etc" / "fstab").write_text("")
+    # the workers' own account, as docs/operations.md says to create it
+    _chroot(
+        root, "useradd", "--system", "--user-group", "--no-create-home",
+        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "tlshd",
+    )  # fmt: skip
     for d in ("lab/run", "lab/results", "lab/src", "srv/nfs", "mnt/a", "mnt/b", "etc/tlshd"):
         (root / d).mkdir(parents=True, exist_ok=True)
     frozen = _chroot(root, f"{GUEST_VENV}/bin/pip", "freeze", "--all").stdout

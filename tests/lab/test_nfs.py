@@ -104,7 +104,7 @@ def test_daemon_sigkill_and_restart(daemon: str, scenario: Scenario) -> None:
 
 def test_status_command_reports_the_handshakes(scenario: Scenario) -> None:
     sc = scenario("ours", "status_report")
-    assert sc["ok"], why(sc, "text_rc", "json_rc", "json_error")
+    assert sc["ok"], why(sc, "text_rc", "json_rc", "json_error", "error", "traceback")
     doc = sc["json"]
     # the scenario runs after kill_restart, whose later mount makes a client and
     # a server handshake through the restarted daemon
@@ -113,3 +113,7 @@ def test_status_command_reports_the_handshakes(scenario: Scenario) -> None:
     assert doc["workers"], doc
     assert f"tlshd pid {doc['pid']}" in sc["text"], sc["text"]
     assert "handshake results:" in sc["text"], sc["text"]
+    # workers run as their own account, under their seccomp filter (issue 11)
+    procs = [p for p in sc["workers_proc"] if "error" not in p]
+    assert procs, sc["workers_proc"]
+    assert all(p["uid"] == sc["tlshd_uid"] and p["seccomp"] == "2" for p in procs), procs

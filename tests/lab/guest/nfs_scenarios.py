@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -191,7 +192,23 @@ def sc_status_report() -> dict:
     except ValueError as e:
         out["json_error"] = f"{e}: {raw.stdout[:500]} {raw.stderr[:500]}"
     out["ok"] = text.returncode == 0 and raw.returncode == 0 and "json" in out
+    out["workers_proc"] = [_proc_fields(w["pid"]) for w in out.get("json", {}).get("workers", [])]
+    out["tlshd_uid"] = pwd.getpwnam("tlshd").pw_uid
     return out
+
+
+def _proc_fields(pid: int) -> dict:
+    """Uid and Seccomp of a worker, from /proc (issue 11: own account, seccomp filter)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return {"pid": pid, "error": str(e)}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {
+        "pid": pid,
+        "uid": int(fields["Uid"].split()[0]),
+        "seccomp": fields.get("Seccomp", "").strip(),
+    }
 
 
 SCENARIOS = {

@@ -1,0 +1,152 @@
+"""The worker's seccomp filter (issue 11 #5): a compromised worker cannot fork
+(and so keep the consumer's socket past DONE), exec, open sockets, reach the
+kernel's netlink, read keys or signal other processes; honest work goes on.
+
+`escape_engine` plays a worker whose engine a peer has taken over: it tries
+each escape and reports what happened to the peer, one line per attempt.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import pytest
+from tlshd.workers import seccomp
+
+from tests.fakekernel import FakeKernel
+from tests.helpers.daemon import recv_exactly, running_daemon
+from tests.helpers.engines import Peer, fake_ktls, gated_engine
+from tlshd.params import HandshakeParams, HandshakeResult
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _attempts(sock: socket.socket) -> dict[str, Any]:
+    """Each escape as a thunk; a thunk returning means the call succeeded."""
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    def exec_() -> None:
+        os.execv("/bin/true", ["true"])
+
+    def netlink() -> None:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16).close()  # NETLINK_GENERIC
+
+    def inet() -> None:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+
+    def nonblock() -> None:
+        fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
+
+    def dup() -> None:
+        os.close(os.dup(sock.fileno()))
+
+    def shutdown() -> None:
+        sock.shutdown(socket.SHUT_RDWR)
+
+    def kill_parent() -> None:
+        os.kill(os.getppid(), 0)
+
+    def keyctl() -> None:
+        from tlshd import keyring
+
+        keyring.get_keyring_id(keyring.KEY_SPEC_SESSION_KEYRING)
+
+    return {
+        "fork": fork,
+        "exec": exec_,
+        "netlink": netlink,
+        "inet": inet,
+        "nonblock": nonblock,
+        "dup": dup,
+        "shutdown": shutdown,
+        "kill-parent": kill_parent,
+        "keyctl": keyctl,
+    }
+
+
+ESCAPES = list(_attempts(socket.socket()).keys())
+
+
+def escape_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    lines = []
+    for name, attempt in _attempts(sock).items():
+        try:
+            attempt()
+            outcome = "ALLOWED"
+        except OSError as err:
+            outcome = errno.errorcode.get(err.errno or 0, str(err.errno))
+        except Exception as err:  # keyring errors wrap their errno
+            outcome = errno.errorcode.get(getattr(err, "errno", 0) or 0, type(err).__name__)
+        lines.append(f"{name} {outcome}")
+    os.kill(os.getpid(), 0)  # signalling itself stays allowed
+    time.sleep(0.001)
+    sock.sendall(("\n".join(lines) + "\n.\n").encode())
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE")
+
+
+def read_report(sock: socket.socket) -> dict[str, str]:
+    data = b""
+    while not data.endswith(b"\n.\n"):
+        data += recv_exactly(sock, 1)
+    return dict(line.split(" ", 1) for line in data.decode().splitlines()[:-1])
+
+
+def test_a_taken_over_worker_cannot_escape() -> None:
+    with FakeKernel() as kernel, running_daemon(kernel, escape_engine) as daemon:
+        peer = Peer(kernel)
+        report = read_report(peer.client)
+        assert peer.request.wait_done(10) == (0, ())
+        assert report == dict.fromkeys(ESCAPES, "EPERM"), report
+        assert "seccomp" not in daemon.log()
+        peer.close()
+
+
+def test_honest_workers_serve_under_the_filter() -> None:
+    with FakeKernel() as kernel, running_daemon(kernel, gated_engine) as daemon:
+        for _ in range(3):
+            peer = Peer(kernel)
+            assert peer.release() == b"4000\n"
+            assert peer.request.wait_done(10) == (0, ())
+            peer.close()
+        worker = next(w for w in daemon.status()["workers"])
+        with open(f"/proc/{worker['pid']}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        assert fields["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
+
+
+def test_filter_in_a_forked_child() -> None:
+    """Directly, without a daemon: the child installs the filter and reports."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            seccomp.install_worker_filter()
+            try:
+                os.fork()
+                result = b"fork allowed"
+            except PermissionError:
+                result = b"fork EPERM"
+            os.write(write_end, result)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read_end, 100)
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0 and answer == b"fork EPERM"
+    assert not os.WIFSIGNALED(status) or os.WTERMSIG(status) != signal.SIGSYS

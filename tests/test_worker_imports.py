@@ -1,0 +1,47 @@
+"""Everything a worker runs is imported before it drops privileges (issue 11 #10).
+
+After the drop the Python installation may be unreadable to the worker's
+account (a pyenv under /root, mode 0700), so a lazy import fails there.  In
+a fresh interpreter that has imported only what the supervisor imports before
+forking, imports are then blocked and the paths that used to import lazily
+are run: a non-ASCII PEERNAME (the `idna` codec) and a sealed alert.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from tlshd.openssl_conf import ensure_openssl_conf
+    ensure_openssl_conf()
+    # what the supervisor has loaded when it forks a worker
+    from tlshd.supervisor import arbiter
+    arbiter._default_engine()
+
+    class NoImports:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            raise ImportError(f"late import of {name} after the privilege drop")
+
+    sys.meta_path.insert(0, NoImports())
+    from OpenSSL import SSL
+    from tlshd.workers import ktls, verify
+
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    verify.expect_peer(conn, verify.parse_peername("bücher.example"))
+    suite = ktls.suite_info("TLS_CHACHA20_POLY1305_SHA256")
+    ktls.seal_alert(suite, bytes(32), 0, 49)
+    print("ok")
+    """
+)
+
+
+def test_worker_paths_need_no_import_after_fork() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.stdout == "ok\n", proc.stderr[-2000:]

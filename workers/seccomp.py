@@ -1,0 +1,128 @@
+"""The worker's seccomp filter: installed after the privilege drop, before peer data.
+
+A worker parses untrusted peer data.  If that ever gives a peer control of the
+worker, the filter keeps it inside the one handshake it serves.  It cannot:
+
+* outlive its job holding the consumer's socket: fork, vfork, clone, clone3
+  (a forked child kept NFS plaintext readable after DONE).  A worker starts no
+  threads (strace of workers running the real engine shows no clone after the
+  privilege drop), so clone is denied whatever its flags;
+* run other code: execve, execveat;
+* reach the kernel or the network on its own: socket, socketpair, connect,
+  bind, listen, accept (NETLINK_GENERIC would let it send its own DONE on
+  kernels where DONE does not require CAP_NET_ADMIN);
+* touch kernel keys: add_key, keyctl, request_key (only the supervisor may);
+* trace or signal other processes: ptrace, process_vm_readv/writev, and kill,
+  tkill, tgkill for any pid but its own (abort() signals itself);
+* change the consumer socket behind the kernel's back: shutdown, fcntl other
+  than F_GETFD/F_SETFD/F_GETFL, ioctl other than TCGETS (isatty), dup*.
+
+Policy: an allowlist of what one handshake, the kTLS setsockopts, the
+supervisor channel, logging and the Python runtime need; every other call
+fails with EPERM.  EPERM rather than a kill: an honest path that meets a
+denied call (SysLogHandler reconnecting with socket()) gets an error it logs,
+and the handshake ends with a status instead of a dead worker.  System calls
+of a foreign architecture (int 0x80 on x86-64) kill the process (libseccomp's
+default for a bad architecture).
+
+Binding: pyseccomp (PyPI), a pure-Python ctypes binding to the system's
+libseccomp.so.2 whose API is that of libseccomp's own Python module.  The
+daemon runs in a pip virtualenv (/opt/tlshd, the lab's cp313 wheels, pyenv
+interpreters in development) where Debian's python3-seccomp, built for the
+system interpreter only, cannot be imported; pyseccomp installs in any of
+them as a pure wheel and loads the distribution's libseccomp, which systemd
+and apt already depend on.  pyseccomp has had no release since 2021, but it is
+a thin shim over libseccomp's stable C API with the official module's API, so
+moving to a maintained build of the official binding is a one-line import
+change once one ships wheels for every Python we run (mephi42-seccomp, the
+official binding repackaged, had none for CPython 3.11 in November 2026).
+
+The module loads pyseccomp at import, in the supervisor before fork: after
+the privilege drop the worker may not be able to read the installation.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import termios
+
+try:
+    import pyseccomp as seccomp
+
+    _LOAD_ERROR: str | None = None
+except (ImportError, OSError, RuntimeError) as exc:  # libseccomp.so.2 missing
+    seccomp = None
+    _LOAD_ERROR = f"cannot load libseccomp through pyseccomp: {exc}"
+
+PR_SET_NAME = 15  # setproctitle names the thread
+PR_GET_NAME = 16
+
+# Allowed whatever their arguments.  Names a given architecture lacks (open,
+# stat, poll on aarch64) are skipped.
+ALLOWED = (
+    # files and descriptors already open: the channel, the consumer's socket,
+    # stdio, the syslog socket; openat for the system trust store, which
+    # OpenSSL reads at verification time, and for traceback source lines
+    "read", "readv", "pread64", "write", "writev", "pwrite64", "close", "lseek",
+    "openat", "open", "fstat", "newfstatat", "stat", "lstat", "statx",
+    "readlink", "readlinkat", "getcwd", "access", "faccessat", "faccessat2",
+    "pipe", "pipe2",
+    # memory (mmap with PROT_EXEC: cffi's callbacks need a W+X page)
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise",
+    # waiting and time
+    "poll", "ppoll", "select", "pselect6", "nanosleep", "clock_nanosleep",
+    "clock_gettime", "clock_getres", "gettimeofday", "time",
+    # I/O on sockets it was given; TCP_NODELAY, SO_RCVTIMEO, TCP_ULP, TLS_TX/RX
+    "recvfrom", "recvmsg", "sendto", "sendmsg", "getsockopt", "setsockopt",
+    "getpeername", "getsockname",
+    # signals (its own handlers and wake-up pipe)
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
+    # the runtime
+    "futex", "getrandom", "sched_yield", "sched_getaffinity", "uname", "sysinfo",
+    "getrusage", "times", "getpid", "gettid", "getppid", "getuid", "geteuid",
+    "getgid", "getegid", "getresuid", "getresgid", "getgroups",
+    "exit", "exit_group",
+)  # fmt: skip
+
+
+class SeccompError(OSError):
+    """The filter could not be built or loaded; the worker must not run."""
+
+
+def install_worker_filter() -> None:
+    """Confine this process (see the module docstring); raises SeccompError."""
+    if seccomp is None:
+        raise SeccompError(errno.ENOSYS, _LOAD_ERROR)
+    try:
+        worker_filter = _build(os.getpid())
+        worker_filter.load()
+    except OSError as exc:
+        raise SeccompError(exc.errno or errno.EINVAL, f"seccomp filter: {exc}") from exc
+
+
+def _build(pid: int) -> seccomp.SyscallFilter:
+    allow, arg, eq = seccomp.ALLOW, seccomp.Arg, seccomp.EQ
+    worker_filter = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
+    for name in ALLOWED:
+        _allow(worker_filter, name)
+    for command in (fcntl.F_GETFD, fcntl.F_SETFD, fcntl.F_GETFL):
+        worker_filter.add_rule(allow, "fcntl", arg(1, eq, command))
+    worker_filter.add_rule(allow, "ioctl", arg(1, eq, termios.TCGETS))
+    for option in (PR_SET_NAME, PR_GET_NAME):
+        worker_filter.add_rule(allow, "prctl", arg(0, eq, option))
+    # itself only: abort() and raise() signal the calling process
+    worker_filter.add_rule(allow, "kill", arg(0, eq, pid))
+    worker_filter.add_rule(allow, "tgkill", arg(0, eq, pid))
+    return worker_filter
+
+
+def _allow(worker_filter: seccomp.SyscallFilter, name: str) -> None:
+    try:
+        number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
+    except (OSError, ValueError):
+        return
+    if number < 0:  # not a system call of this architecture
+        return
+    worker_filter.add_rule(seccomp.ALLOW, number)
