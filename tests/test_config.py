@@ -477,9 +477,9 @@ def test_missing_worker_account_falls_back_to_nobody_with_a_warning(
     _accounts(monkeypatch, "nobody")
     config = load(tmp_path, "")
     assert config.worker.user == "nobody"
-    (warning,) = [w for w in config.warnings if "[worker] user" in w]
-    assert "'tlshd' does not exist" in warning and "useradd --system" in warning
-    finding = [f for f in check_config(config) if f.key == "[worker] user"]
+    (warning,) = [w for w in config.warnings if w.key == ConfigKey("worker", "user")]
+    assert "'tlshd' does not exist" in warning.message and "useradd --system" in warning.message
+    finding = [f for f in check_config(config) if f.key == ConfigKey("worker", "user")]
     assert [f.severity for f in finding] == ["warning"]
 
 
@@ -489,4 +489,6 @@ def test_an_explicit_worker_user_never_falls_back(
     _accounts(monkeypatch, "nobody")
     config = load(tmp_path, "[worker]\nuser=tlshd\n")
     assert config.worker.user == "tlshd"
-    assert [(f.severity, f.key) for f in check_config(config)] == [("error", "[worker] user")]
+    assert [(f.severity, f.key) for f in check_config(config)] == [
+        ("error", ConfigKey("worker", "user"))
+    ]

@@ -75,7 +75,7 @@ def test_thousands_of_repeated_keys_give_a_few_warnings(tmp_path: Path) -> None:
     path.write_text("[worker]\nuser=nobody\n[debug]\n" + "loglevel=1\nodd=1\n" * 20000)
     config = load_config(str(path))
     assert len(config.warnings) == MAX_CONFIG_WARNINGS
-    assert config.warnings[-1].endswith("more warnings not shown")
+    assert config.warnings[-1].message.endswith("more warnings not shown")
     proc = subprocess.run(
         [sys.executable, "-m", "tlshd", "--check-config", "-c", str(path)],
         capture_output=True,
