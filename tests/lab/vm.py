@@ -30,10 +30,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab.build import LAB, REPO, LabError, LabImage, ensure_image, log, run
+from tests.lab.build import (
+    DEFAULT_PROFILE,
+    LAB,
+    PROFILES,
+    REPO,
+    LabError,
+    LabImage,
+    ensure_image,
+    log,
+    run,
+)
 
 GUEST_DIR = LAB / "guest"
 DAEMONS = ("ours", "upstream")
+IMAGES = tuple(PROFILES)  # "trixie" (default), "forky", "forky-6.12"; see build.PROFILES
 
 
 @dataclass
@@ -47,6 +58,8 @@ class GuestResult:
     timed_out: bool = False
     build_seconds: float = 0.0  # time spent making sure the cached image is current
     timings: dict[str, float] = field(default_factory=dict)
+    image: str = DEFAULT_PROFILE  # the image profile that booted
+    kernel: str = ""  # its kernel's uname -r
 
     def text(self, name: str) -> str:
         p = self.results_dir / name
@@ -142,6 +155,7 @@ def run_guest(
     share_src: bool = False,
     install_project: bool = True,
     kernel_args: Iterable[str] = (),
+    image: str = DEFAULT_PROFILE,
 ) -> GuestResult:
     """Boot the lab guest once, run ``script`` (sh unless it has a #! line) as root.
 
@@ -153,24 +167,31 @@ def run_guest(
     stderr.  ``share_src`` also mounts the checkout read-only at /lab/src.
     ``kernel_args`` are appended to the kernel command line (e.g.
     ``lab.init=systemd``: boot systemd as PID 1, see guest/systemd-stage2.sh).
+    ``image`` picks the image profile (``IMAGES``): "trixie" (6.12 kernel, trixie
+    root, upstream 1.0.0), "forky" (newest 7.x kernel, forky root, upstream
+    1.4.0) or "forky-6.12" (the forky root on the 6.12 kernel); it is exported
+    as ``$LAB_IMAGE``.  ``extra_packages`` come from that profile's suite.
     """
     if daemon not in DAEMONS:
         raise ValueError(f"daemon must be one of {DAEMONS}")
-    image = ensure_image(extra_packages)
+    if image not in IMAGES:
+        raise ValueError(f"image must be one of {IMAGES}")
+    lab_image = ensure_image(extra_packages, image=image)
     results = Path(results_dir) if results_dir else Path(tempfile.mkdtemp(prefix="tlshd-lab-"))
     results.mkdir(parents=True, exist_ok=True)
     console = results / "console.log"
-    timings = {"image": round(image.build_seconds, 2)}
+    timings = {"image": round(lab_image.build_seconds, 2)}
     with tempfile.TemporaryDirectory(prefix="tlshd-lab-run-") as td:
         run_dir = Path(td)
         t0 = time.monotonic()
         if install_project:
             build_project_wheel(run_dir / "wheels")
         timings["wheel"] = round(time.monotonic() - t0, 2)
-        genv = {"LAB_DAEMON": daemon, "LAB_MODE": "shell" if interactive else "script"}
+        genv = {"LAB_DAEMON": daemon, "LAB_MODE": "shell" if interactive else "script",
+                "LAB_IMAGE": image}  # fmt: skip
         genv.update(env or {})
         _prepare_run_dir(run_dir, script, genv)
-        cmd = qemu_command(image, run_dir, results, memory=memory, smp=smp,
+        cmd = qemu_command(lab_image, run_dir, results, memory=memory, smp=smp,
                            share_src=share_src, interactive=interactive,
                            kernel_args=kernel_args)  # fmt: skip
         t0 = time.monotonic()
@@ -183,7 +204,8 @@ def run_guest(
     rcfile = results / "rc"
     rc = int(rcfile.read_text().strip()) if rcfile.is_file() else None
     timings["guest"] = round(seconds, 2)
-    return GuestResult(rc, results, console, seconds, timed_out, image.build_seconds, timings)
+    return GuestResult(rc, results, console, seconds, timed_out, lab_image.build_seconds, timings,
+                       image, lab_image.kernel.version)  # fmt: skip
 
 
 def _run_logged(cmd: list[str], console: Path, timeout: int, echo: bool) -> bool:
