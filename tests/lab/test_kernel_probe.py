@@ -98,7 +98,10 @@ def test_accept_keyring_attribute_from_6_17(image: str, probe) -> None:  # type:
 def test_tls_tx_max_payload_len_from_6_19(image: str, probe) -> None:  # type: ignore[no-untyped-def]
     so = probe(image, "tls_sockopt")
     assert so["tls_tx"]["ok"], so
-    if kernel_version(probe, image) >= TX_MAX_PAYLOAD_LEN_SINCE:
+    supported = kernel_version(probe, image) >= TX_MAX_PAYLOAD_LEN_SINCE
+    # the daemon's capability probe (tlshd.supervisor.tlsmodule) agrees with the kernel
+    assert so["daemon_probe"] is supported, so
+    if supported:
         assert so["supported"], so
         assert so["get_before_tx"]["value"] == 16384, so  # TLS_MAX_PAYLOAD_SIZE by default
         assert so["set_4095_after_tx"]["value"] == 4095, so

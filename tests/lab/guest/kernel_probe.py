@@ -212,6 +212,13 @@ def probe_tls_sockopt() -> dict:
             s.close()
     st = out["get_before_tx"]
     out["supported"] = st["ok"] or st.get("errno") != "ENOPROTOOPT"
+    # what the daemon's own capability probe concludes (not on older checkouts)
+    try:
+        from tlshd.supervisor.tlsmodule import tx_max_payload_len_supported
+    except ImportError:
+        out["daemon_probe"] = None
+    else:
+        out["daemon_probe"] = tx_max_payload_len_supported()
     return out
 
 
