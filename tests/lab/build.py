@@ -368,7 +368,8 @@ class Apt:
 
 def _kernel_sort_key(pkg: str) -> tuple[int, ...]:
     """Numeric order of kernel package names: 7.2.12 after 7.2.9, deb13u2 after deb13."""
-    return tuple(int(n) for n in re.findall(r"[0-9]+", pkg))
+    m = re.search(r"-([0-9]+)\.([0-9]+)\.([0-9]+)\+deb([0-9]+)(?:u([0-9]+))?-", pkg)
+    return tuple(int(n or 0) for n in m.groups()) if m else ()
 
 
 def _companions(apt: Apt, pkg: str) -> list[str]:
