@@ -46,8 +46,9 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = Path(__file__).resolve().parent
@@ -400,6 +401,49 @@ def cache_lock(cache: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _use_lock_file(stage: Path) -> Path:
+    """The lock a guest run holds (shared) on a stage it boots from."""
+    return stage / ".use.lock" if stage.is_dir() else stage.with_name(stage.name + ".use.lock")
+
+
+def hold_stage(stage: Path) -> IO[str]:
+    """Take a shared "in use" lock on ``stage`` until the returned file is closed.
+
+    ensure_image() takes it while it still holds the cache lock, so no prune can
+    slip in between; a prune by another build then skips the stage (see _in_use)
+    instead of deleting a root under a running guest."""
+    fh = open(_use_lock_file(stage), "a")  # noqa: SIM115 - held beyond this function
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    return fh
+
+
+def _in_use(stage: Path) -> bool:
+    lock = _use_lock_file(stage)
+    if not lock.exists():
+        return False
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def _remove_stage(stage: Path) -> bool:
+    """Delete a stage unless a guest run holds it; True if it was deleted."""
+    if _in_use(stage):
+        log(f"keeping old {stage.name}: a guest run is using it (pruned by a later build)")
+        return False
+    log(f"pruning old {stage.name}")
+    if stage.is_dir():
+        shutil.rmtree(stage, ignore_errors=True)
+    else:
+        stage.unlink(missing_ok=True)
+        _use_lock_file(stage).unlink(missing_ok=True)
+    return True
+
+
 def _done(path: Path) -> bool:
     return (path / ".done").is_file()
 
@@ -446,8 +490,7 @@ def _prune_kernels(cache: Path, flavour: KernelFlavour, keep: Path) -> None:
     for p in cache.glob("kernel-*"):
         same_flavour = _kernel_flavour(p.name.removesuffix(".tmp")) is flavour
         if same_flavour and p.is_dir() and p != keep and p.name != keep.name + ".tmp":
-            log(f"pruning old {p.name}")
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_stage(p)
 
 
 def build_kernel(cache: Path, apt: Apt, refresh: bool = False,
@@ -726,8 +769,7 @@ def build_initramfs(cache: Path, kernel: Kernel) -> Path:
         tmp.rename(out)
     for old in cache.glob(f"initramfs-{tag}*.cpio.gz"):
         if old != out and re.fullmatch(rf"initramfs-{tag}[0-9a-f]{{16}}\.cpio\.gz", old.name):
-            log(f"pruning old {old.name}")
-            old.unlink(missing_ok=True)
+            _remove_stage(old)
     return out
 
 
@@ -750,8 +792,7 @@ def _prune_roots(cache: Path, kernels: Sequence[Kernel], keep: Path) -> None:
         old_kernel = any(k not in mine and _kernel_flavour(k) in flavours for k in theirs)
         same_lineage = meta.get("base") == current["base"] and set(theirs) == mine
         if old_kernel or same_lineage:
-            log(f"pruning old {p.name}")
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_stage(p)
 
 
 @dataclass
@@ -761,10 +802,17 @@ class LabImage:
     initramfs: Path
     build_seconds: float
     profile: str = DEFAULT_PROFILE
+    # shared "in use" locks on the kernel, root and initramfs (see hold_stage)
+    held: list[IO[str]] = field(default_factory=list, repr=False)
 
     @property
     def vmlinuz(self) -> Path:
         return self.kernel.vmlinuz
+
+    def release(self) -> None:
+        """Let later builds prune this image's stages again (after the guest ran)."""
+        while self.held:
+            self.held.pop().close()
 
 
 def profile_named(name: str) -> Profile:
@@ -806,4 +854,5 @@ def ensure_image(extra_packages: Iterable[str] = (), refresh: bool = False,
         kernel = kernels[profile.kernel.name]
         initramfs = build_initramfs(cache, kernel)
         _prune_roots(cache, root_kernels, root)
-    return LabImage(kernel, root / "root", initramfs, time.monotonic() - t0, profile.name)
+        held = [hold_stage(stage) for stage in (kernel.dir, root, initramfs)]
+    return LabImage(kernel, root / "root", initramfs, time.monotonic() - t0, profile.name, held)

@@ -127,3 +127,31 @@ def test_root_pruning_keeps_other_profiles_and_variants(cache: Path) -> None:
     build._prune_roots(cache, [Kernel(cache / K612_DIR, "6.12.117")], cache / "root-trixie")
     roots = {n for n in present(cache) if n.startswith("root-")}
     assert roots == {"root-trixie", "root-trixie-systemd", "root-forky"}
+
+
+def test_a_root_in_use_by_a_guest_run_is_not_pruned(cache: Path) -> None:
+    add_root(cache, "root-new", "base-trixie", [K612_DIR])
+    add_root(cache, "root-running", "base-trixie", [K612_DIR])  # older recipe, same lineage
+    kernels = [Kernel(cache / K612_DIR, "6.12.117")]
+    held = build.hold_stage(cache / "root-running")
+    try:
+        build._prune_roots(cache, kernels, cache / "root-new")
+        assert (cache / "root-running" / ".done").is_file()
+    finally:
+        held.close()
+    build._prune_roots(cache, kernels, cache / "root-new")
+    assert not (cache / "root-running").exists()
+    assert (cache / "root-new").is_dir()
+
+
+def test_an_initramfs_in_use_is_not_pruned(tmp_path: Path) -> None:
+    old = tmp_path / "initramfs-0123456789abcdef.cpio.gz"
+    old.write_bytes(b"x")
+    held = build.hold_stage(old)
+    try:
+        assert build._remove_stage(old) is False
+        assert old.is_file()
+    finally:
+        held.close()
+    assert build._remove_stage(old) is True
+    assert not old.exists() and not (tmp_path / (old.name + ".use.lock")).exists()

@@ -206,30 +206,33 @@ def run_guest(
     if image not in IMAGES:
         raise ValueError(f"image must be one of {IMAGES}")
     lab_image = ensure_image(extra_packages, image=image)
-    results = Path(results_dir) if results_dir else Path(tempfile.mkdtemp(prefix="tlshd-lab-"))
-    results.mkdir(parents=True, exist_ok=True)
-    console = results / "console.log"
-    timings = {"image": round(lab_image.build_seconds, 2)}
-    with tempfile.TemporaryDirectory(prefix="tlshd-lab-run-") as td:
-        run_dir = Path(td)
-        t0 = time.monotonic()
-        if install_project:
-            build_project_wheel(run_dir / "wheels")
-        timings["wheel"] = round(time.monotonic() - t0, 2)
-        genv = {"LAB_DAEMON": daemon, "LAB_MODE": "shell" if interactive else "script",
-                "LAB_IMAGE": image}  # fmt: skip
-        genv.update(env or {})
-        _prepare_run_dir(run_dir, script, genv)
-        cmd = qemu_command(lab_image, run_dir, results, memory=memory, smp=smp,
-                           share_src=share_src, interactive=interactive,
-                           kernel_args=kernel_args)  # fmt: skip
-        t0 = time.monotonic()
-        timed_out = False
-        if interactive:
-            subprocess.run(cmd, check=False)
-        else:
-            timed_out = _run_logged(cmd, console, timeout, echo)
-        seconds = time.monotonic() - t0
+    try:  # the image's stages stay held (not prunable by other builds) until QEMU is gone
+        results = Path(results_dir) if results_dir else Path(tempfile.mkdtemp(prefix="tlshd-lab-"))
+        results.mkdir(parents=True, exist_ok=True)
+        console = results / "console.log"
+        timings = {"image": round(lab_image.build_seconds, 2)}
+        with tempfile.TemporaryDirectory(prefix="tlshd-lab-run-") as td:
+            run_dir = Path(td)
+            t0 = time.monotonic()
+            if install_project:
+                build_project_wheel(run_dir / "wheels")
+            timings["wheel"] = round(time.monotonic() - t0, 2)
+            genv = {"LAB_DAEMON": daemon, "LAB_MODE": "shell" if interactive else "script",
+                    "LAB_IMAGE": image}  # fmt: skip
+            genv.update(env or {})
+            _prepare_run_dir(run_dir, script, genv)
+            cmd = qemu_command(lab_image, run_dir, results, memory=memory, smp=smp,
+                               share_src=share_src, interactive=interactive,
+                               kernel_args=kernel_args)  # fmt: skip
+            t0 = time.monotonic()
+            timed_out = False
+            if interactive:
+                subprocess.run(cmd, check=False)
+            else:
+                timed_out = _run_logged(cmd, console, timeout, echo)
+            seconds = time.monotonic() - t0
+    finally:
+        lab_image.release()
     rcfile = results / "rc"
     rc = int(rcfile.read_text().strip()) if rcfile.is_file() else None
     timings["guest"] = round(seconds, 2)
