@@ -102,12 +102,11 @@ def handshake_message(request: Request, now: float) -> dict[str, object]:
     }
 
 
-def hand_off(worker_sock: socket.socket, worker_pid: int, request: Request, now: float) -> None:
+def hand_off(worker_sock: socket.socket, worker_name: str, request: Request, now: float) -> None:
     """Send the request and a copy of its fd; raises OSError if the worker's
     socket is full or gone (non-blocking: the supervisor never waits)."""
     ipc.send_message(worker_sock, handshake_message(request, now), (request.sock.fileno(),))
-    request.worker_pid = worker_pid
-    request.log.debug("handed fd %d to worker %d", request.sock.fileno(), worker_pid)
+    request.log.debug("handed fd %d to worker %s", request.sock.fileno(), worker_name)
 
 
 def complete(

@@ -172,3 +172,53 @@ def _remove_stale_socket(path: str) -> None:
         return
     if stat.S_ISSOCK(mode):
         os.unlink(path)
+
+
+# --- the document ---------------------------------------------------------------------
+
+
+def build_status(arbiter: Any) -> dict[str, Any]:
+    """The status document of a supervisor (supervisor/arbiter.py's Arbiter)."""
+    now = time.monotonic()
+    broker = arbiter.broker
+    return {
+        "pid": os.getpid(),
+        "uptime_s": round(now - arbiter.started_at, 3),
+        "generation": arbiter.generation.number,
+        "zygotes": [_describe_zygote(z, now) for z in arbiter.pool.zygotes.values()],
+        "workers": [_describe_worker(w, now) for w in arbiter.pool],
+        "in_flight": broker.in_flight(),
+        "queued": len(broker.queue),
+        "accepting": arbiter.accepting and broker.can_accept(),
+        "limits": {
+            "max_queued": broker.max_queued,
+            "fd_limit": broker.fd_limit,
+            "fds_held": broker.held_fds(),
+        },
+        "done": arbiter.stats.done,
+        "failed": arbiter.stats.failed,
+        "counters": arbiter.stats.counters(),
+        "latency_ms": arbiter.stats.latency(),
+    }
+
+
+def _describe_zygote(zygote: Any, now: float) -> dict[str, Any]:
+    return {
+        "pid": zygote.pid,
+        "generation": zygote.generation,
+        "state": "retiring" if zygote.retiring else "ready" if zygote.ready_at else "starting",
+        "age_s": round(now - zygote.spawned_at, 3),
+    }
+
+
+def _describe_worker(worker: Any, now: float) -> dict[str, Any]:
+    request = worker.request
+    return {
+        "pid": worker.pid,
+        "state": worker.state.value,
+        "peer": request.peer if request else None,
+        "req": request.req_id if request else None,
+        "phase": worker.phase or None,
+        "age_s": round(now - worker.requested_at, 3),
+        "generation": worker.generation,
+    }

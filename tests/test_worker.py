@@ -26,9 +26,9 @@ def kernel():  # type: ignore[no-untyped-def]
 
 def idle_worker(daemon) -> int:  # type: ignore[no-untyped-def]
     doc = daemon.wait_for(
-        lambda d: any(w["state"] == "idle" for w in d["workers"]), what="idle worker"
+        lambda d: any(w["state"] == "idle" and w["pid"] for w in d["workers"]), what="idle worker"
     )
-    return next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
+    return next(w["pid"] for w in doc["workers"] if w["state"] == "idle" and w["pid"])
 
 
 def process_title(pid: int) -> str:
@@ -103,9 +103,10 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
             assert title.endswith("clienthello"), title
         # A worker forked while two accepted sockets are open inherits neither.
         doc = daemon.wait_for(
-            lambda d: any(w["state"] == "idle" for w in d["workers"]), what="spare worker"
+            lambda d: any(w["state"] == "idle" and w["pid"] for w in d["workers"]),
+            what="spare worker",
         )
-        spare = next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
+        spare = next(w["pid"] for w in doc["workers"] if w["state"] == "idle" and w["pid"])
         assert len(socket_fds(spare)) == 1, socket_fds(spare)
         assert wait_for_title(spare, "tlshd: worker idle").startswith("tlshd: worker idle")
         for peer in peers:

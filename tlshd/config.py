@@ -61,10 +61,19 @@ class RoleConfig:
 class PoolConfig:
     """`[pool]` (ours)."""
 
-    min_workers: int = 2
-    max_workers: int = 16
-    max_handshakes: int = 200  # recycle a worker after this many handshakes
-    max_rss_mib: int = 256  # recycle a worker whose RSS passes this
+    # Forked, idle single-use workers kept in reserve, so a hand-off never
+    # waits for a fork.
+    min_workers: int = 4
+    # Live single-use workers at most.  Concurrency is bounded by memory, not
+    # by a small pool: a 64-mount loopback burst is 128 handshakes (a client
+    # and a server half each), and no half may wait behind the other.
+    max_workers: int = 192
+    # Accepted requests waiting for a worker at most; beyond them the
+    # supervisor stops ACCEPTing and requests stay pending in the kernel.
+    max_queued: int = 256
+    # Obsolete since workers are single-use; accepted and ignored.
+    max_handshakes: int = 1
+    max_rss_mib: int = 256
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,10 @@ class WorkerConfig:
 
     user: str = "nobody"
     drop_privileges: bool = True
-    # Deadline when ACCEPT carries no TIMEOUT.  nfsd gives up after 5 s
-    # (SVC_HANDSHAKE_TO), so stay inside it.
-    handshake_timeout_ms: int = 4000
+    # Deadline of a request whose consumer neither sends TIMEOUT nor has a
+    # known timer (supervisor/broker.py knows the sunrpc client's 10 s and
+    # nfsd's 5 s; NVMe sends TIMEOUT).
+    handshake_timeout_ms: int = 10000
 
 
 @dataclass(frozen=True)
@@ -291,7 +301,9 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
     "authenticate": frozenset({"keyrings"}),
     "authenticate.client": frozenset(_ROLE_KEYS),
     "authenticate.server": frozenset(_ROLE_KEYS),
-    "pool": frozenset({"min_workers", "max_workers", "max_handshakes", "max_rss_mib"}),
+    "pool": frozenset(
+        {"min_workers", "max_workers", "max_queued", "max_handshakes", "max_rss_mib"}
+    ),
     "worker": frozenset({"user", "drop_privileges", "handshake_timeout_ms"}),
     "status": frozenset({"socket"}),
     # Historical upstream spellings, mapped with a warning.
@@ -359,7 +371,8 @@ def _read_pool(reader: _Reader) -> PoolConfig:
     d = PoolConfig()
     pool = PoolConfig(
         min_workers=reader.integer("pool", "min_workers", d.min_workers, 1, 1024),
-        max_workers=reader.integer("pool", "max_workers", d.max_workers, 1, 1024),
+        max_workers=reader.integer("pool", "max_workers", d.max_workers, 1, 4096),
+        max_queued=reader.integer("pool", "max_queued", d.max_queued, 1, 65536),
         max_handshakes=reader.integer("pool", "max_handshakes", d.max_handshakes, 1, 10**9),
         max_rss_mib=reader.integer("pool", "max_rss_mib", d.max_rss_mib, 32, 1024 * 1024),
     )

@@ -109,7 +109,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         document = fetch_status(str(self.status_path))
-        self.worker_pids_seen.update(w["pid"] for w in document["workers"])
+        self.worker_pids_seen.update(w["pid"] for w in document["workers"] if w["pid"])
         return document
 
     def wait_for(
@@ -228,7 +228,10 @@ def start_daemon(
             kernel.wait_for_listener(WAIT_S)
             min_workers = loaded.pool.min_workers
             daemon.wait_for(
-                lambda d: sum(w["state"] == "idle" for w in d["workers"]) >= min_workers,
+                lambda d: (
+                    sum(w["state"] == "idle" and bool(w["pid"]) for w in d["workers"])
+                    >= min_workers
+                ),
                 what="min workers idle",
             )
         except BaseException:

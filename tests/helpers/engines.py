@@ -31,6 +31,18 @@ def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hand
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
 
 
+def pid_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Waits for one byte from the peer, then answers with the serving
+    process's pid (8 digits), so a test can tell which process served it."""
+    remaining = ctx.deadline - time.monotonic()
+    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
+    if not sock.recv(1):
+        return HandshakeResult(status=errno.ECONNRESET)
+    sock.sendall(f"{os.getpid():08d}".encode())
+    return HandshakeResult(status=0, cipher="FAKE-CIPHER")
+
+
 def _send(channel: socket.socket, message: dict[str, Any]) -> None:
     channel.send(json.dumps(message).encode())
 
@@ -138,15 +150,6 @@ def accept_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
         version, _cipher = struct.unpack_from("=HH", info)
         if version != 0x0304:
             raise OSError(errno.EINVAL, "not a TLS 1.3 crypto_info")
-
-
-_HOARD: list[bytearray] = []
-
-
-def hoarding_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
-    """gated_engine that also keeps 48 MiB of touched memory (a leaky worker)."""
-    _HOARD.append(bytearray(b"\x01" * (48 << 20)))
-    return gated_engine(sock, params, ctx)
 
 
 def verified_client_cert_engine(
