@@ -43,6 +43,7 @@ from .pool import Generation, WorkerHandle, WorkerPool, WorkerState
 from .queue import DeadlineQueue, Request
 from .stats import CompletionStats
 
+MAX_HANDOFFS = 2
 MAX_MESSAGES_PER_WAKEUP = 32  # per worker, so one chatty worker cannot starve the loop
 # A consumer's own timer runs from its submit, before our ACCEPT; a DONE after
 # its cancel is silently dropped, so finish this much inside it.
@@ -207,6 +208,7 @@ class Broker:
             self.kill_worker(worker, errno.EIO, "its channel is full or broken")
             return False
         worker.assign(request)
+        request.handoffs += 1
         return True
 
     # --- finishing requests --------------------------------------------------------
@@ -251,8 +253,21 @@ class Broker:
         self.close_worker(worker)
 
     def worker_lost(self, worker: WorkerHandle, reason: str) -> None:
-        """The worker's channel closed: it died or exited; fail its request now."""
+        """The worker's channel closed: it died or exited; fail its request
+        now.  A worker that died before it reported its first phase never
+        touched the socket (HandshakeJob reports the phase before the engine
+        runs): its request goes back to the queue, once."""
+        unstarted = worker.phase == "handoff"
         if (request := worker.release_request()) is not None:
+            if unstarted and request.handoffs < MAX_HANDOFFS:
+                request.log.warning(
+                    "worker %s died before starting (%s); handing the request on",
+                    _name(worker),
+                    reason,
+                )
+                self.queue.push(request)
+                self.close_worker(worker)
+                return
             request.log.error("worker %s died during the handshake (%s)", _name(worker), reason)
             self.finish(request, errno.EIO, "the worker died")
         self.close_worker(worker)

@@ -41,6 +41,7 @@ class Request:
     # supervisor handed out for this request (psk_search, add_cert).
     known_serials: set[int] = field(default_factory=set)
     completed: bool = False
+    handoffs: int = 0  # workers it was handed to (one that died unstarted gives it back)
     # (client address, server address) of the connection; None if unknown
     pair_key: tuple[object, object] | None = None
 

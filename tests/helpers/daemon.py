@@ -187,8 +187,10 @@ def start_daemon(
     environ: dict[str, str] | None = None,
     wait_ready: bool = True,
     credentials: Credentials | None = None,
+    in_child: Callable[[], None] | None = None,
     **arbiter_kwargs: Any,
 ) -> Daemon:
+    """Fork a daemon; `in_child` runs in it before the Arbiter is built."""
     directory = directory or short_tmpdir()
     status_path = directory / "status.sock"
     config_path = directory / "tlshd.conf"
@@ -205,6 +207,8 @@ def start_daemon(
             _child_logging(log_path)
             os.environ.pop("NOTIFY_SOCKET", None)
             os.environ.update(environ or {})
+            if in_child is not None:
+                in_child()
             from tlshd.supervisor.arbiter import Arbiter
 
             arbiter = Arbiter(

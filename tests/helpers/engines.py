@@ -181,3 +181,90 @@ def channel_closing_engine(
     ctx.keys._channel.close()
     time.sleep(60)
     return HandshakeResult(status=0)
+
+
+def deadline_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Answers with the seconds left until its deadline (`%06.3f`)."""
+    sock.sendall(f"{ctx.deadline - time.monotonic():06.3f}".encode())
+    return HandshakeResult(status=0, cipher="FAKE")
+
+
+def pair_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Like a handshake, needs both ends of the connection: each half sends
+    one byte and waits for the other half's, so a half whose peer never gets
+    a worker times out."""
+    sock.sendall(b"x")
+    remaining = ctx.deadline - time.monotonic()
+    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+        return HandshakeResult(status=errno.ETIMEDOUT, detail="the other half never came")
+    return HandshakeResult(status=0 if sock.recv(1) == b"x" else errno.ECONNRESET, cipher="FAKE")
+
+
+class RandomKeyService:
+    """Answers key_read with fresh random material each time (made in the
+    supervisor at reply time, so no other process had it before)."""
+
+    def handle_for(self, scope: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        import base64
+        import secrets
+
+        if op != "key_read" or args["serial"] not in scope.allowed_serials:
+            return {"ok": False, "errno": errno.EACCES, "serial": 0, "description": "",
+                    "payload_b64": ""}  # fmt: skip
+        payload = secrets.token_hex(24).encode()
+        return {
+            "ok": True,
+            "errno": 0,
+            "serial": args["serial"],
+            "description": "d",
+            "payload_b64": base64.b64encode(payload).decode(),
+        }
+
+
+def residue_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """With a cert serial: reads that key through the supervisor and sends it
+    to the peer.  Without: receives two halves of a secret (raw, and base64)
+    and scans this process's own memory for either secret whole, answering
+    `DIRTY` or `CLEAN`.  The halves are compared piecewise, so the scan never
+    builds the whole secret itself."""
+    if params.cert_serial:
+        payload = ctx.keys.read_key(params.cert_serial).payload
+        # The positive control: the process that read the key must find it.
+        half = len(payload) // 2
+        found = _memory_holds(payload[:half], payload[half:])
+        sock.sendall(len(payload).to_bytes(2, "big") + payload + (b"DIRTY" if found else b"CLEAN"))
+        return HandshakeResult(status=0, cipher="FAKE")
+    halves = []
+    for _ in range(4):
+        size = int.from_bytes(recv_exactly(sock, 2), "big")
+        halves.append(recv_exactly(sock, size))
+    found = any(_memory_holds(halves[i], halves[i + 1]) for i in (0, 2))
+    sock.sendall(b"DIRTY" if found else b"CLEAN")
+    return HandshakeResult(status=0, cipher="FAKE")
+
+
+def _memory_holds(head: bytes, tail: bytes) -> bool:
+    import ctypes
+
+    # After its setuid a worker is not dumpable, which makes /proc/self/mem
+    # root's; the scan itself must be able to read it.
+    PR_SET_DUMPABLE = 4
+    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    with open("/proc/self/maps") as maps:
+        regions = [line.split() for line in maps]
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+        for fields in regions:
+            if not fields[1].startswith("r") or (len(fields) > 5 and fields[5] == "[vvar]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            at = chunk.find(head)
+            while at >= 0:
+                if chunk[at + len(head) : at + len(head) + len(tail)] == tail:
+                    return True
+                at = chunk.find(head, at + 1)
+    return False
