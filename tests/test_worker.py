@@ -92,7 +92,13 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
         assert process_title(daemon.pid).startswith("tlshd: supervisor")
         # Two requests in flight: each worker holds exactly its channel and its own socket.
         peers = [Peer(kernel), Peer(kernel)]
-        doc = daemon.wait_for(lambda d: d["in_flight"] == 2, what="two in flight")
+        # Busy from the hand-off on; the phase shows the worker holds its socket.
+        doc = daemon.wait_for(
+            lambda d: (
+                [w["phase"] for w in d["workers"] if w["state"] == "busy"] == ["clienthello"] * 2
+            ),
+            what="two in flight",
+        )
         daemon.wait_for(lambda d: d["queued"] == 0, what="queue empty")
         for worker in doc["workers"]:
             if worker["state"] != "busy":
