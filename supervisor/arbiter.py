@@ -687,8 +687,10 @@ class Arbiter:
             and not self.stopping
             and zygote is not None
             and zygote.ready_at is not None
-            and idle >= self.config.pool.min_workers
+            and idle >= 1
         ):
+            # Ready once a worker is: the rest of the reserve is seconds
+            # away at most, and start-up time is what systemd waits on.
             self.ready_sent = True
             self.notifier.ready()
             log.info(

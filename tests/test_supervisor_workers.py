@@ -192,6 +192,11 @@ def test_workers_killed_by_signals_do_not_stop_the_daemon(kernel: FakeKernel) ->
                 if child.pid not in killed:
                     child.send_signal(signal.SIGKILL)
                     killed.add(child.pid)
+        # The kills are noticed (EOF) and the reserve is refilled.
+        daemon.wait_for(
+            lambda d: len(spare_pids(d)) >= 2 and not killed & {w["pid"] for w in d["workers"]},
+            what="kills noticed, reserve refilled",
+        )
         peer = Peer(kernel)
         assert peer.release() == b"4000\n"
         assert peer.request.wait_done(10)[0] == 0

@@ -89,6 +89,7 @@ class Zygote:
         setproctitle(f"tlshd: zygote {self.generation.number}")
         with contextlib.suppress(OSError):  # back to normal priority from the supervisor's
             os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
+        warm_engine = self.engine is None
         if self.engine is None:
             from tlshd.workers.engine import perform_handshake
 
@@ -96,6 +97,8 @@ class Zygote:
         from tlshd.workers import base  # noqa: F401 - imported before the privilege drop
 
         warm_up_tls()
+        if warm_engine and not warm_up_engine(self.engine, self.generation):
+            log.debug("zygote %d: the engine warm-up did not complete", os.getpid())
         config = self.generation.config
         from tlshd.workers.privileges import PrivilegeError, drop_privileges
 
@@ -281,7 +284,7 @@ def warm_up_tls() -> None:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    from OpenSSL import SSL, crypto
+    from OpenSSL import SSL
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlshd warm-up")])
@@ -298,8 +301,8 @@ def warm_up_tls() -> None:
     )
     server_ctx = SSL.Context(SSL.TLS_METHOD)
     server_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    server_ctx.use_certificate(crypto.X509.from_cryptography(cert))
-    server_ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    server_ctx.use_certificate(cert)
+    server_ctx.use_privatekey(key)
     client_ctx = SSL.Context(SSL.TLS_METHOD)
     client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     client_ctx.set_verify(SSL.VERIFY_PEER, lambda *_args: True)
@@ -320,3 +323,74 @@ def warm_up_tls() -> None:
         if done == 2:
             return
     log.debug("zygote %d: warm-up handshake did not complete", os.getpid())
+
+
+class _NoKeys:
+    """The warm-up's KeyService: it asks for no kernel key."""
+
+    def read_key(self, serial: int) -> Any:
+        raise OSError(errno.ENOKEY, "no keys in the warm-up")
+
+    def search_psk(self, identity: str, keyring: int | None) -> None:
+        return None
+
+    def add_peer_certificate(self, der: bytes, description: str) -> int:
+        return 0
+
+
+def warm_up_engine(engine: Engine, generation: Any, timeout_s: float = 10.0) -> bool:
+    """One real handshake through the engine itself, both roles, over a
+    loopback TCP connection, with this generation's server certificate: the
+    engine's own first-use costs (context set-up, callbacks, PEM parsing,
+    HKDF) are then paid here, once.  No kTLS is installed and nothing is
+    logged.  True if both sides ran to the end (whatever the outcome)."""
+    import logging
+    import threading
+    import time
+
+    from tlshd.workers.engine import HandshakeContext
+
+    from tlshd.params import HandshakeParams
+    from tlshd.uapi import AuthMode, MsgType
+
+    server_creds = generation.credentials.server
+    if not (server_creds.cert_chain_pem and server_creds.private_key_pem):
+        return False
+    quiet = logging.getLogger("tlshd.warm-up")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+
+    def context() -> Any:
+        return HandshakeContext(
+            config=generation.config,
+            credentials=generation.credentials,
+            keys=_NoKeys(),  # type: ignore[arg-type]
+            deadline=time.monotonic() + timeout_s,
+            log=logging.LoggerAdapter(quiet, {}),
+            install_ktls=lambda _sock, _tx, _rx: None,
+        )
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = socket.create_connection(listener.getsockname(), timeout_s)
+            server, _ = listener.accept()
+    except OSError:
+        return False
+    with client, server:
+        client.settimeout(None)
+        client_params = HandshakeParams(
+            sockfd=client.fileno(),
+            message_type=MsgType.CLIENTHELLO,
+            auth_mode=AuthMode.UNAUTH,
+            peername="localhost",
+        )
+        server_params = HandshakeParams(
+            sockfd=server.fileno(), message_type=MsgType.SERVERHELLO, auth_mode=AuthMode.X509
+        )
+        side = threading.Thread(target=engine, args=(client, client_params, context()))
+        side.start()
+        engine(server, server_params, context())
+        side.join(timeout_s)
+        return not side.is_alive()
