@@ -168,6 +168,7 @@ class Arbiter:
             return 0
         except HandshakeFamilyMissing as err:
             log.error("%s", err.strerror)
+            self.emergency_stop()  # the zygote is already running
             return 1
         except HaltServer as halt:
             log.error("stopping: %s", halt.reason)
@@ -188,6 +189,11 @@ class Arbiter:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, SUPERVISOR_NICE)
         fd_limit = raise_fd_limit()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper; orphaned workers go to init")
+        # The zygote first: its imports and warm-up are the longest part of
+        # start-up, and they overlap with the rest of it on another CPU.
+        self.spawn_zygote()
         try:
             self.netlink.open()
         except HandshakeFamilyMissing:
@@ -200,11 +206,8 @@ class Arbiter:
         self.status.open()
         if self.prepare_kernel is not None:
             self.prepare_kernel()
-        if not become_subreaper():
-            log.warning("cannot become a child subreaper; orphaned workers go to init")
         self.broker.set_limits(self.config.pool.max_queued, fd_limit, open_fd_count())
         self.accepting = True
-        self.spawn_zygote()
 
     def run_once(self) -> None:
         """One pass of the loop.  The order matters:
