@@ -42,7 +42,6 @@ from collections.abc import Callable
 from typing import Any
 
 from setproctitle import setproctitle
-from tlshd.workers.zygote import ZYGOTE_OPS
 
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
@@ -348,7 +347,7 @@ class Arbiter:
             if zygote.sock is None:
                 return
             try:
-                message, fds = ipc.recv_message(zygote.sock, ZYGOTE_OPS)
+                message, fds = self.pool.receive_report(zygote)
             except (BlockingIOError, InterruptedError):
                 return
             except (ipc.IpcError, OSError) as err:
@@ -394,7 +393,7 @@ class Arbiter:
                         os.close(pidfd)
                 return
             try:
-                worker.forked(pid, pidfd)
+                worker.forked(pid, pidfd, zygote.pid)
             except ipc.IpcError as err:
                 self.broker.reject_worker(worker, str(err))
         elif op == "fork_failed":

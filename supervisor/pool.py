@@ -44,6 +44,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from tlshd.workers import WORKER_BOOT_ERROR
+from tlshd.workers.zygote import ZYGOTE_OPS
 
 from tlshd import ipc
 from tlshd.config import Config
@@ -119,8 +120,10 @@ class WorkerHandle:
         """Alive, of no request yet: may be handed one."""
         return self.state in (WorkerState.STARTING, WorkerState.IDLE) and self.sock is not None
 
-    def forked(self, pid: int, pidfd: int | None) -> None:
+    def forked(self, pid: int, pidfd: int | None, zygote_pid: int | None = None) -> None:
         """The zygote reported the pid (and a pidfd) of this worker."""
+        if pidfd is None and zygote_pid is not None:
+            pidfd = _pidfd_of_child(pid, zygote_pid)
         self.pid, self.pidfd = pid, pidfd
         if self.claimed_pid is not None and self.claimed_pid != pid:
             self.kill()
@@ -258,14 +261,12 @@ class WorkerPool:
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
         except OSError as err:
-            if err.errno not in FD_EXHAUSTED:
-                raise
-            log.warning("no descriptor for a new worker's channel: %s", err.strerror)
+            log.warning("no socketpair for a new worker's channel: %s", err.strerror)
             return None
         token = next(self._tokens)
         try:
             ipc.send_message(zygote.sock, {"op": "fork", "token": token}, (theirs.fileno(),))
-        except BlockingIOError:
+        except OSError:  # full (retried later) or broken (EOF comes next)
             ours.close()
             return None
         finally:
@@ -274,6 +275,28 @@ class WorkerPool:
         worker = WorkerHandle(token, ours, zygote.generation, zygote.pid, time.monotonic())
         self.workers[token] = worker
         return worker
+
+    @staticmethod
+    def receive_report(zygote: ZygoteHandle) -> tuple[dict[str, Any] | None, list[int]]:
+        """One message from a zygote; (None, []) at EOF.  Like ipc.recv_message,
+        except that a pidfd lost to descriptor exhaustion (MSG_CTRUNC) is not
+        junk: the message counts, without its pidfd."""
+        assert zygote.sock is not None
+        data, fds, flags, _addr = socket.recv_fds(zygote.sock, 4096, 1)
+        if not data and not fds:
+            return None, []
+        if flags & socket.MSG_TRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise ipc.IpcError("a zygote's message was truncated")
+        if flags & socket.MSG_CTRUNC:
+            log.warning("zygote %d: a pidfd was lost (no descriptor free)", zygote.pid)
+        try:
+            return ipc.decode(data, ZYGOTE_OPS), fds
+        except ipc.IpcError:
+            for fd in fds:
+                os.close(fd)
+            raise
 
     def by_pid(self, pid: int) -> WorkerHandle | None:
         return next((w for w in self.workers.values() if w.pid == pid), None)
@@ -319,6 +342,24 @@ class WorkerPool:
                 break
             reaped.append((pid, status))
         return reaped
+
+
+def _pidfd_of_child(pid: int, parent: int) -> int | None:
+    """A pidfd for `pid` if it is (still) a child of `parent`: the zygote
+    could not send one.  Checked after opening, so a reused pid is refused."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        ppid = -1
+    if ppid != parent:
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def become_subreaper() -> bool:

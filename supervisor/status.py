@@ -14,6 +14,7 @@ before closing.  Forked workers drop their copies with `close_in_child`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
@@ -28,6 +29,7 @@ from tlshd.log import log
 MAX_CLIENTS = 8
 CLIENT_TIME_LIMIT_S = 2.0
 MAX_REQUEST_LINE = 256
+ACCEPT_PAUSE_S = 1.0
 
 
 class _Client:
@@ -51,6 +53,7 @@ class StatusServer:
         self._snapshot = snapshot
         self._listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
+        self._paused_until: float | None = None  # accept paused (no descriptors)
 
     def open(self) -> bool:
         """Create the listener; a failure is a warning, never fatal."""
@@ -71,6 +74,11 @@ class StatusServer:
                 return
             except OSError as err:
                 log.warning("status socket accept: %s", err)
+                if err.errno in (errno.EMFILE, errno.ENFILE):
+                    # The connection stays queued and the listener readable:
+                    # stop watching it for a while rather than spin.
+                    self._selector.unregister(self._listener)
+                    self._paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
             if len(self._clients) >= MAX_CLIENTS:
                 sock.close()
@@ -117,6 +125,10 @@ class StatusServer:
         client.sock.close()
 
     def expire_clients(self, now: float) -> None:
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._listener is not None:
+                self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
         for client in list(self._clients.values()):
             if now - client.started > CLIENT_TIME_LIMIT_S:
                 self._drop(client)

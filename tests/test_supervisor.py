@@ -25,7 +25,12 @@ def kernel():  # type: ignore[no-untyped-def]
 
 
 def busy(doc: dict) -> list[dict]:  # type: ignore[type-arg]
-    return [w for w in doc["workers"] if w["state"] == "busy"]
+    """Workers that started their handshake (holding the socket, pid known)."""
+    return [
+        w
+        for w in doc["workers"]
+        if w["state"] == "busy" and w["pid"] and w["phase"] not in (None, "handoff")
+    ]
 
 
 def test_accept_handoff_done_with_supervisor_fd(kernel: FakeKernel) -> None:
@@ -89,7 +94,10 @@ def test_pool_grows_to_max_and_serves_queue_in_deadline_order(kernel: FakeKernel
 def test_worker_killed_mid_handshake_gets_eio_at_once(kernel: FakeKernel) -> None:
     with running_daemon(kernel, gated_engine) as daemon:
         peer = Peer(kernel, timeout_ms=60000)
-        doc = daemon.wait_for(lambda d: len(busy(d)) == 1, what="busy worker")
+        # Started (its phase reported): one killed before that is handed on.
+        doc = daemon.wait_for(
+            lambda d: [w["phase"] for w in busy(d)] == ["clienthello"], what="busy worker"
+        )
         victim = busy(doc)[0]["pid"]
         started = time.monotonic()
         psutil.Process(victim).kill()
