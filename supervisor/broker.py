@@ -82,14 +82,21 @@ def consumer_timer_ms(params: HandshakeParams) -> int | None:
 
 
 def handshake_budget_s(params: HandshakeParams, config: Config) -> float:
-    """Seconds from ACCEPT to the deadline of this request: the consumer's
-    TIMEOUT, else its known timer, else `[worker] handshake_timeout_ms`;
-    minus a margin, because the consumer's clock started at its submit."""
-    timer_ms = params.timeout_ms or consumer_timer_ms(params)
-    if timer_ms:
-        budget_ms = timer_ms - min(CONSUMER_TIMEOUT_MARGIN_MS, timer_ms // 10)
+    """Seconds from ACCEPT to the deadline of this request.
+
+    * TIMEOUT in ACCEPT: that, minus a margin (the consumer's clock started
+      at its submit, and a DONE after its cancel is dropped).
+    * No TIMEOUT, a consumer whose timer we know (sunrpc client, nfsd): that
+      timer, with no margin.  Counted from our ACCEPT it ends a little after
+      the consumer's own, which started at submit: a kill before it would only
+      lose handshakes the consumer still takes (under a burst on 6.12 many
+      finish between 4 and 5 s), a kill after it costs nothing but a worker.
+    * Otherwise `[worker] handshake_timeout_ms`."""
+    if params.timeout_ms:
+        margin = min(CONSUMER_TIMEOUT_MARGIN_MS, params.timeout_ms // 10)
+        budget_ms = params.timeout_ms - margin
     else:
-        budget_ms = config.worker.handshake_timeout_ms
+        budget_ms = consumer_timer_ms(params) or config.worker.handshake_timeout_ms
     return max(budget_ms, MIN_BUDGET_MS) / 1000
 
 
