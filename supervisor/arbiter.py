@@ -42,13 +42,14 @@ from collections.abc import Callable
 from typing import Any
 
 from setproctitle import setproctitle
+from tlshd.workers import Engine
 
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
 from tlshd.credentials import Credentials, CredentialsError, load_credentials
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
-from tlshd.params import HandshakeParams, HandshakeResult
+from tlshd.params import HandshakeParams
 
 from .broker import Broker, open_fd_count, raise_fd_limit
 from .notify import Notifier
@@ -81,8 +82,6 @@ WORKER_BOOT_TIMEOUT_S = 15.0
 GRACEFUL_TIMEOUT_S = 2.0
 REAP_TIMEOUT_S = 3.0
 RESPAWN_BACKOFF_MAX_S = 10.0
-
-Engine = Callable[..., HandshakeResult]
 
 
 class HaltServer(Exception):

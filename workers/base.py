@@ -28,7 +28,8 @@ from setproctitle import setproctitle
 from tlshd import ipc
 from tlshd.log import log
 
-from .handshake import Engine, HandshakeJob
+from . import Engine
+from .handshake import HandshakeJob
 
 
 class Worker:

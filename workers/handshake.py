@@ -6,9 +6,9 @@ the supervisor keeps its copy and sends DONE.  The socket's flags are never
 changed: `socket.socket(fileno=...)` leaves O_NONBLOCK as the kernel consumer
 set it.
 
-Everything a worker runs is imported here, in the supervisor, before fork:
-after the privilege drop a worker may not be able to read the Python
-installation (and each lazy import would cost every worker again).
+Everything a worker runs is imported in the zygote, before its privilege
+drop (workers/zygote.py): afterwards a worker may not be able to read the
+Python installation, and each lazy import would cost every worker again.
 
 Keys: a worker has no privilege to read kernel keys, so `IpcKeyService` asks
 the supervisor over the worker's channel and waits (bounded by the handshake
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from setproctitle import setproctitle
+from tlshd.workers import Engine
 from tlshd.workers.engine import HandshakeContext
 from tlshd.workers.ktls import install_ktls
 
@@ -34,8 +35,6 @@ from tlshd.keys import KeyMaterial, KeyServiceError
 from tlshd.log import HandshakeLogAdapter, handshake_logger, log
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import MsgType
-
-Engine = Callable[[socket.socket, HandshakeParams, Any], HandshakeResult]
 
 
 class IpcKeyService:

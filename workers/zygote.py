@@ -49,12 +49,10 @@ from collections.abc import Callable
 from typing import Any
 
 from setproctitle import setproctitle
-from tlshd.workers import WORKER_BOOT_ERROR
+from tlshd.workers import WORKER_BOOT_ERROR, Engine
 
 from tlshd import ipc
 from tlshd.log import log
-
-Engine = Callable[..., Any]
 
 # Messages on the zygote's channel.
 FORK_OPS = frozenset({"fork"})
