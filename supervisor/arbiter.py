@@ -695,8 +695,11 @@ class Arbiter:
             self.ready_sent = True
             self.notifier.ready()
             log.info(
-                "tlshd supervisor %d serving handshakes (%d spare workers, at most %d)",
+                "tlshd supervisor %d serving handshakes, %.2f s after exec "
+                "(zygote ready in %.2f s; %d spare workers, at most %d)",
                 os.getpid(),
+                process_age_s(),
+                zygote.ready_at - zygote.spawned_at,
                 idle,
                 self.config.pool.max_workers,
             )
@@ -711,6 +714,18 @@ class Arbiter:
 
     def in_flight(self) -> int:
         return self.broker.in_flight()
+
+
+def process_age_s() -> float:
+    """Seconds since this process was started (exec'd, or forked), from /proc."""
+    try:
+        with open("/proc/self/stat") as stat:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            now = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return now - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_daemon(config_path: str, config: Config) -> int:
