@@ -62,8 +62,9 @@ class PoolConfig:
     """`[pool]` (ours)."""
 
     # Forked, idle single-use workers kept in reserve, so a hand-off never
-    # waits for a fork.
-    min_workers: int = 4
+    # waits for a fork: two, for both halves of a loopback connection; the
+    # zygote forks more as requests come (idle PSS is what the reserve costs).
+    min_workers: int = 2
     # Live single-use workers at most.  Concurrency is bounded by memory, not
     # by a small pool: a 64-mount loopback burst is 128 handshakes (a client
     # and a server half each), and no half may wait behind the other.
