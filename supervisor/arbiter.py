@@ -63,6 +63,7 @@ from .pool import (
     describe_exit,
     is_boot_error,
 )
+from .queue import DeadlineQueue
 from .signals import SIGNAL_NAMES, SignalQueue
 from .stats import CompletionStats
 from .status import StatusServer, build_status
@@ -150,7 +151,7 @@ class Arbiter:
         return self.generation.config
 
     @property
-    def queue(self) -> Any:
+    def queue(self) -> DeadlineQueue:
         return self.broker.queue
 
     # --- run ----------------------------------------------------------------
@@ -711,9 +712,6 @@ class Arbiter:
 
     def snapshot(self) -> dict[str, Any]:
         return build_status(self)
-
-    def in_flight(self) -> int:
-        return self.broker.in_flight()
 
 
 def process_age_s() -> float:
