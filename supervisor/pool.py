@@ -319,12 +319,24 @@ class WorkerPool:
         return [w for w in self.workers.values() if w.request is not None]
 
     def forget_finished(self) -> list[WorkerHandle]:
-        """Drop workers whose channel is closed and whose process is gone."""
-        gone = [w for w in self.workers.values() if w.sock is None and w.process_gone()]
+        """Drop workers whose channel is closed and whose process is gone.
+
+        A live zygote reports every exit (`reaped`); only the workers of a
+        retired or dead zygote need their pidfd polled (a system call each,
+        costly under emulation, so not for every worker on every pass)."""
+        gone = [
+            w
+            for w in self.workers.values()
+            if w.sock is None and (w.reaped or (not self._zygote_live(w) and w.process_gone()))
+        ]
         for worker in gone:
             worker.forget()
             del self.workers[worker.token]
         return gone
+
+    def _zygote_live(self, worker: WorkerHandle) -> bool:
+        zygote = self.zygotes.get(worker.zygote_pid)
+        return zygote is not None and zygote.sock is not None
 
     # --- reaping ------------------------------------------------------------------
 
