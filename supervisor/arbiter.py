@@ -704,9 +704,10 @@ class Arbiter:
                 idle,
                 self.config.pool.max_workers,
             )
+        live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
         self.notifier.set_status(
-            f"{self.broker.in_flight()} in flight, {len(self.queue)} queued, "
-            f"{idle} spare workers, {self.stats.done} done, {self.stats.failed} failed"
+            f"{live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
+            f"{len(self.queue)} queued, {self.stats.done} done, {self.stats.failed} failed"
         )
         self.notifier.tick(now)
 
