@@ -4,26 +4,34 @@
 Runs inside the lab guest (tests/lab), as the scenario of ONE boot, with the
 guest venv's Python (it has psutil).  Settings come from the environment:
 
+    BURST_MODES     "cold warm"        cold: mounts start the moment the daemon
+                                       is ready (ours: its "serving handshakes"
+                                       line, i.e. READY; upstream: 1 s after
+                                       start); warm: after the daemon settled
     BURST_SIZES     "8 32 64"          mounts per burst
     BURST_DAEMONS   "upstream ours"    daemons, in this order for every size
-    BURST_ROUNDS    "1"                how many times the whole sweep runs
-    BURST_KILL      "16"               size of the extra burst (ours) with one
+    BURST_ROUNDS    "5"                how many times each (mode, size) runs
+    BURST_KILL      "0"                size of an extra warm burst (ours) with one
                                        worker SIGKILLed mid-handshake; 0: none
     BURST_MOUNT_TIMEOUT "240"          seconds one mount may take
     BURST_NFSD_THREADS  "16"
-    BURST_COMPILE       "1"                byte-compile our package first (as pip would)
-    BURST_IMPORTTIME    "1"                save `python -X importtime` of the daemon
-    BURST_LOGS_ON_TMPFS "1"                daemon stderr + syslog on tmpfs, not the 9p share
+    BURST_COMPILE       "1"            byte-compile our package first (as pip would)
+    BURST_IMPORTTIME    "1"            save `python -X importtime` of the daemon
+    BURST_LOGS_ON_TMPFS "1"            daemon stderr + syslog on tmpfs, not the 9p share
 
-For every (round, size, daemon): nfsd is restarted (no transports or client
-state from the previous burst), the daemon is started and left to settle,
-the tracing buffer is cleared, N `mount -t nfs4 -o vers=4.2,xprtsec=tls`
-run at once to N distinct 127.0.x.y addresses never used before in the
-boot, then everything is unmounted and the daemon is stopped.  The server
-certificate carries every address used as an IP SAN (own PKI, see make_pki).
+Both daemons use upstream's default configuration: no [pool] section,
+loglevel=0, ECDSA P-256 certificates (tests/lab/guest/labguest.py builds the
+PKI).  For every (round, mode, size, daemon): nfsd is restarted and its grace
+period left to pass, the daemon is started, N `mount -t nfs4 -o
+vers=4.2,xprtsec=tls` run at once to N distinct 127.x.y.z addresses never used
+before in the boot, then everything is unmounted and the daemon is stopped.
+Per request, the kernel's handshake tracepoints are folded by
+labguest.fold_requests (one record per submit, also when the kernel reuses a
+request address).  CPU: the guest's busy ticks in /proc/stat during the burst
+(upstream ignores SIGCHLD, so its reaped children never reach anyone's
+cutime, and a per-process sum would undercount it).
 
-Results: /lab/results/burst.json (one record per burst, with per-request
-trace data) — benchmarks/burst.py reads it.
+Results: /lab/results/burst.json (one record per burst) - benchmarks/burst.py reads it.
 """
 
 from __future__ import annotations
@@ -45,12 +53,14 @@ import psutil
 
 RESULTS = Path("/lab/results")
 PKI = Path("/etc/tlshd/pki-burst")
-TRACING = Path("/sys/kernel/tracing")
 EIO = 5
+NFSD_GRACE_S = 11.0  # nfsd's grace period after a restart (10 s) must not overlap a burst
+UPSTREAM_READY_S = 1.0  # upstream says nothing when it is ready: mounts start 1 s after exec
+READY_LINE = "serving handshakes"
 
 # Every mount gets an address no earlier mount of this boot used, so each
 # mount makes a fresh NFS client (and fresh client + server handshakes).
-ADDRESSES = [f"127.0.{c}.{d}" for c in range(0, 4) for d in range(1, 255)]
+ADDRESSES = [f"127.{b}.{c}.{d}" for b in (0, 1) for c in range(0, 8) for d in range(1, 255)]
 _next_address = 0
 
 
@@ -70,86 +80,13 @@ def take_addresses(n: int) -> list[str]:
 # ----------------------------------------------------------------------- setup
 
 
-def make_pki(n_addresses: int) -> Path:
-    """lab PKI (ECDSA P-256), but the server SAN covers the first n addresses."""
-    PKI.mkdir(parents=True, exist_ok=True)
-    sans = ",".join(
-        ["DNS:localhost", "DNS:tlshd-lab"] + [f"IP:{a}" for a in ADDRESSES[:n_addresses]]
-    )
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    lg.sh(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            *ec,
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=tlshd burst CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-        cwd=PKI,
-    )
-    for name, ext in (
-        ("server", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n"),
-        ("client", "subjectAltName=DNS:lab-client\nextendedKeyUsage=clientAuth\n"),
-    ):
-        lg.sh(
-            [
-                "openssl",
-                "req",
-                *ec,
-                "-keyout",
-                f"{name}.key",
-                "-out",
-                f"{name}.csr",
-                "-subj",
-                f"/CN=lab-{name}",
-            ],
-            cwd=PKI,
-        )
-        (PKI / f"{name}.ext").write_text(
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n" + ext
-        )
-        lg.sh(
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                f"{name}.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "30",
-                "-extfile",
-                f"{name}.ext",
-                "-out",
-                f"{name}.pem",
-            ],
-            cwd=PKI,
-        )
-    for f in PKI.iterdir():
-        os.chmod(f, 0o600 if f.suffix == ".key" else 0o644)
-    return PKI
-
-
-def restart_nfsd(threads: int) -> None:
-    """Stop nfsd (closes every server transport, drops client state), start it again."""
+def restart_nfsd(threads: int) -> float:
+    """Stop nfsd (closes every server transport, drops client state), start
+    it again; the monotonic time it was started."""
     lg.sh(["rpc.nfsd", "0"], check=False)
     lg.sh(["exportfs", "-f"], check=False)
     lg.sh(["rpc.nfsd", "-N", "3", str(threads)])
+    return time.monotonic()
 
 
 def daemon_tree() -> list[psutil.Process]:
@@ -219,55 +156,50 @@ class PssSampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-# ----------------------------------------------------------------------- tracing
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole guest, from /proc/stat's `cpu` line.
+    Busy: everything but idle and iowait."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
 
 
-def trace_clear() -> None:
-    (TRACING / "trace").write_text("")
+# ----------------------------------------------------------------------- the daemon
 
 
-def read_events() -> list[dict]:
-    return lg.read_trace()
+def start_daemon(kind: str) -> tuple[int, float]:
+    """Start `kind`; (pid, seconds from exec until it is ready to be used).
 
-
-def summarize_requests(events: list[dict], mark: str) -> list[dict]:
-    """Per request (after the marker): role, t_submit, t_accept, t_done, status."""
-    start = None
-    for i, e in enumerate(events):
-        if e["event"] == "tracing_mark_write" and mark in e["text"]:
-            start = i
-    events = events[start + 1 :] if start is not None else events
-    reqs: dict[str, dict] = {}
-    finished: list[dict] = []
-    for e in events:
-        req = e["fields"].get("req")
-        if not req or not e["event"].startswith("handshake_") or not req.strip("0"):
-            continue
-        ev = e["event"]
-        if ev == "handshake_submit" and req in reqs:
-            # the kernel reuses a freed request's address: a new request
-            finished.append(reqs.pop(req))
-        r = reqs.setdefault(req, {"req": req})
-        if ev == "handshake_submit":
-            r["role"] = "server" if e["comm"].startswith("nfsd") else "client"
-            r["t_submit"] = e["ts"]
-        elif ev == "handshake_cmd_accept":
-            r["t_accept"] = e["ts"]
-        elif ev == "handshake_cmd_done":
-            r["t_done"] = e["ts"]
-        elif ev == "handshake_complete":
-            r["t_complete"] = e["ts"]
-            r["status"] = int(e["fields"].get("status", "0"))
-        elif ev in ("handshake_cancel", "handshake_cancel_busy", "handshake_cancel_none"):
-            r.setdefault("cancel_events", []).append(ev)
-            r.setdefault("t_cancel", e["ts"])
-        elif ev.endswith("_err"):
-            r.setdefault("errors", []).append(f"{ev} {e['text']}")
-    out = [r for r in [*finished, *reqs.values()] if "t_submit" in r]
-    for r in out:
-        if "t_complete" in r:
-            r["latency"] = round(r["t_complete"] - r["t_submit"], 4)
-    return sorted(out, key=lambda r: r["t_submit"])
+    Ours is ready at its "serving handshakes" line (the moment it sends
+    READY to systemd); upstream says nothing, so it gets 1 s."""
+    lg.sh(["modprobe", "tls"])
+    argv = lg.OURS if kind == "ours" else lg.UPSTREAM
+    log_path = lg.RESULTS / f"daemon-{kind}.log"
+    with open(log_path, "a") as f:
+        f.write(f"==== [{lg.uptime():.2f}] starting {' '.join(argv)}\n")
+    offset = log_path.stat().st_size
+    logf = open(log_path, "a")  # noqa: SIM115 - the daemon keeps writing to it
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                            start_new_session=True)  # fmt: skip
+    lg.PIDFILE.write_text(f"{proc.pid}\n")
+    if kind == "upstream":
+        time.sleep(UPSTREAM_READY_S)
+        if proc.poll() is not None:
+            raise RuntimeError(f"upstream exited rc={proc.returncode} at start-up")
+        return proc.pid, UPSTREAM_READY_S
+    with open(log_path, errors="replace") as f:
+        f.seek(offset)
+        text = ""
+        while READY_LINE not in text:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ours exited rc={proc.returncode} at start-up")
+            if time.monotonic() - t0 > 120:
+                raise RuntimeError("ours not ready after 120 s")
+            text += f.read()
+            time.sleep(0.01)
+    return proc.pid, round(time.monotonic() - t0, 3)
 
 
 # ----------------------------------------------------------------------- bursts
@@ -290,7 +222,7 @@ def mount_one(addr: str, mnt: str, timeout: float, t0: float, out: dict) -> None
 
 
 def find_busy_worker() -> int | None:
-    """A worker of our daemon in the middle of a handshake (title not 'idle')."""
+    """A worker of our daemon in the middle of a handshake (title names a phase)."""
     for p in daemon_tree():
         try:
             title = " ".join(p.cmdline()).strip()
@@ -319,27 +251,34 @@ def killer(result: dict, delay: float, stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
-def run_burst(kind: str, size: int, label: str, kill: bool = False) -> dict:
+def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -> dict:
     threads = int(os.environ.get("BURST_NFSD_THREADS", "16"))
     mount_timeout = float(os.environ.get("BURST_MOUNT_TIMEOUT", "240"))
-    lg.log(f"=== burst {label}: {kind}, {size} mounts")
-    restart_nfsd(threads)
-    t_start = time.monotonic()
-    pid = lg.start_daemon(kind, wait=120)
-    listening_s = round(time.monotonic() - t_start, 2)
-    settle_s = settle()
-    # nfsd restarted: its grace period (10 s) must not overlap the burst
-    remaining = 11.0 - (time.monotonic() - t_start)
-    if remaining > 0:
-        time.sleep(remaining)
-    idle_pss, idle_procs = tree_pss()
+    lg.log(f"=== burst {label}: {mode}, {kind}, {size} mounts")
+    nfsd_started = restart_nfsd(threads)
     addrs = take_addresses(size)
     mnts = [f"/mnt/burst/{a}" for a in addrs]
-    trace_clear()
+    for m in mnts:
+        Path(m).mkdir(parents=True, exist_ok=True)
+    if mode == "cold":
+        # The grace period passes before the daemon starts, so the mounts can
+        # start the moment the daemon is ready.
+        time.sleep(max(0.0, NFSD_GRACE_S - (time.monotonic() - nfsd_started)))
+    lg.trace_on()  # clears the buffer
     mark = f"BURST {label} begin"
     lg.trace_mark(mark)
     sampler = PssSampler()
+    start_busy0, _ = cpu_ticks()
+    pid, ready_s = start_daemon(kind)
+    start_busy1, _ = cpu_ticks()
+    settle_s = None
+    idle_pss = idle_procs = None
+    if mode == "warm":
+        settle_s = settle()
+        time.sleep(max(0.0, NFSD_GRACE_S - (time.monotonic() - nfsd_started)))
+        idle_pss, idle_procs = tree_pss()
     sampler.start()
+    busy0, total0 = cpu_ticks()
     kill_result: dict = {}
     kill_stop = threading.Event()
     kthread = None
@@ -347,28 +286,32 @@ def run_burst(kind: str, size: int, label: str, kill: bool = False) -> dict:
         kthread = threading.Thread(target=killer, args=(kill_result, 1.0, kill_stop), daemon=True)
     outs: list[dict] = [{} for _ in addrs]
     t0 = time.monotonic()
-    workers = [
+    mounts = [
         threading.Thread(target=mount_one, args=(a, m, mount_timeout, t0, o), daemon=True)
         for a, m, o in zip(addrs, mnts, outs, strict=True)
     ]
-    for w in workers:
+    for w in mounts:
         w.start()
     if kthread is not None:
         kthread.start()
-    for w in workers:
+    for w in mounts:
         w.join()
     wall = time.monotonic() - t0
+    busy1, total1 = cpu_ticks()
     kill_stop.set()
     time.sleep(1.0)  # let stragglers' DONEs and cancels land in the trace
     sampler.stop.set()
     sampler.join()
-    events = read_events()
-    reqs = summarize_requests(events, mark)
+    if idle_pss is None:  # cold: idle is after the burst, once the daemon is quiet again
+        settle()
+        idle_pss, idle_procs = tree_pss()
+    events = lg.read_trace_since(mark)
+    reqs = lg.fold_requests(events)
     kill_to_done = None
     if kill_result:
         kill_to_done = kill_delay(events, f"BURST KILL {kill_result['pid']}")
-    lg.log(f"burst {label}: wall {wall:.2f}s, {sum(o['rc'] == 0 for o in outs)}/{size} ok")
-    # clean up: unmount all (in parallel), stop the daemon
+    ok = sum(o["rc"] == 0 for o in outs)
+    lg.log(f"burst {label}: wall {wall:.2f}s, {ok}/{size} ok, ready after {ready_s}s")
     umounts = [
         threading.Thread(target=lg.sh, args=(["umount", "-f", m],), kwargs={"check": False})
         for m in mnts
@@ -380,17 +323,22 @@ def run_burst(kind: str, size: int, label: str, kill: bool = False) -> dict:
     still = [m for m in mnts if f" {m} " in Path("/proc/mounts").read_text()]
     stats = daemon_status() if kind == "ours" else None
     lg.stop_daemon()
+    clk_tck = os.sysconf("SC_CLK_TCK")
     return {
         "label": label,
+        "mode": mode,
         "daemon": kind,
         "size": size,
         "kill": kill,
         "daemon_pid": pid,
-        "listening_s": listening_s,
+        "ready_s": ready_s,
         "settle_s": settle_s,
         "wall_s": round(wall, 3),
+        "cpu_busy_s": round((busy1 - busy0) / clk_tck, 2),
+        "start_cpu_busy_s": round((start_busy1 - start_busy0) / clk_tck, 2),
+        "cpu_total_s": round((total1 - total0) / clk_tck, 2),
         "mounts": outs,
-        "mounts_ok": sum(1 for o in outs if o["rc"] == 0),
+        "mounts_ok": ok,
         "still_mounted_after_umount": still,
         "idle_pss_bytes": idle_pss,
         "idle_procs": idle_procs,
@@ -433,13 +381,14 @@ def daemon_status() -> dict | None:
         return None
 
 
-IMPORTS = "import tlshd.cli, tlshd.supervisor.arbiter, tlshd.workers.engine, tlshd.workers.base"
+IMPORTS = "import tlshd.cli, tlshd.supervisor.arbiter"
+IMPORTS_ZYGOTE = "import tlshd.workers.engine, tlshd.workers.base"
 
 
-def import_profile(name: str) -> float:
-    """`python -X importtime` of the daemon's modules -> results/<name>; wall seconds."""
+def import_profile(name: str, imports: str) -> float:
+    """`python -X importtime` of some of the daemon's modules -> results/<name>; wall seconds."""
     t0 = time.monotonic()
-    p = lg.sh([sys.executable, "-X", "importtime", "-c", IMPORTS], check=False, timeout=300)
+    p = lg.sh([sys.executable, "-X", "importtime", "-c", imports], check=False, timeout=300)
     (RESULTS / name).write_text(p.stderr)
     return round(time.monotonic() - t0, 2)
 
@@ -461,9 +410,8 @@ def logs_to_tmpfs() -> None:
     """Daemon stderr and syslog to tmpfs, copied to the results at the end.
 
     The lab sends both to files on the 9p results share; every write there is
-    a synchronous round trip to QEMU, which under a loaded host took long
-    enough to stall the (chattier, loglevel=1 is DEBUG) supervisor for
-    seconds.  The benchmark measures the daemons, not the lab's log share."""
+    a synchronous round trip to QEMU, which under a loaded host could stall a
+    daemon for seconds.  The benchmark measures the daemons, not the share."""
     LOGS.mkdir(parents=True, exist_ok=True)
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -476,7 +424,7 @@ def logs_to_tmpfs() -> None:
     time.sleep(0.5)
     subprocess.Popen(["busybox", "syslogd", "-n", "-O", str(LOGS / "syslog.log")],
                      start_new_session=True)  # fmt: skip
-    lg.RESULTS = LOGS  # lg.start_daemon/stop_daemon write daemon-<kind>.log there
+    lg.RESULTS = LOGS  # lg.stop_daemon and our start_daemon write daemon-<kind>.log there
 
 
 def save_logs() -> None:
@@ -485,29 +433,30 @@ def save_logs() -> None:
 
 
 def main() -> int:
+    modes = env_list("BURST_MODES", "cold warm")
     sizes = [int(s) for s in env_list("BURST_SIZES", "8 32 64")]
     daemons = env_list("BURST_DAEMONS", "upstream ours")
-    rounds = int(os.environ.get("BURST_ROUNDS", "1"))
-    kill_size = int(os.environ.get("BURST_KILL", "16"))
-    needed = rounds * len(daemons) * sum(sizes) + kill_size
-    lg.log(f"burst benchmark: sizes {sizes}, daemons {daemons}, rounds {rounds}, "
+    rounds = int(os.environ.get("BURST_ROUNDS", "5"))
+    kill_size = int(os.environ.get("BURST_KILL", "0"))
+    needed = rounds * len(modes) * len(daemons) * sum(sizes) + kill_size
+    lg.log(f"burst benchmark: modes {modes}, sizes {sizes}, daemons {daemons}, rounds {rounds}, "
            f"kill burst {kill_size}; {needed} addresses")  # fmt: skip
-    make_pki(needed)
+    lg.make_pki(PKI, ip_sans=ADDRESSES[:needed])
     startup = {}
-    if os.environ.get("BURST_IMPORTTIME", "1") == "1":
-        startup["import_s_uncompiled"] = import_profile("importtime-uncompiled.txt")
     if os.environ.get("BURST_COMPILE", "1") == "1":
         startup["compileall_s"] = compile_project()
-        if os.environ.get("BURST_IMPORTTIME", "1") == "1":
-            startup["import_s_compiled"] = import_profile("importtime-compiled.txt")
+    if os.environ.get("BURST_IMPORTTIME", "1") == "1":
+        startup["import_supervisor_s"] = import_profile("importtime-supervisor.txt", IMPORTS)
+        startup["import_zygote_s"] = import_profile("importtime-zygote.txt", IMPORTS_ZYGOTE)
     meminfo = Path("/proc/meminfo").read_text()
-    lg.write_config(PKI)
+    lg.write_config(PKI, loglevel=0)  # upstream's shipped default: no [pool], loglevel=0
     if os.environ.get("BURST_LOGS_ON_TMPFS", "1") == "1":
         logs_to_tmpfs()
     lg.trace_on()
     lg.nfs_server()
     out: dict = {
         "settings": {
+            "modes": modes,
             "sizes": sizes,
             "daemons": daemons,
             "rounds": rounds,
@@ -524,21 +473,25 @@ def main() -> int:
     }
     dest = RESULTS / "burst.json"
     for rnd in range(1, rounds + 1):
-        for size in sizes:
-            for kind in daemons:
-                label = f"r{rnd}-{kind}-{size}"
-                try:
-                    out["bursts"].append(run_burst(kind, size, label))
-                except Exception:
-                    traceback.print_exc()
-                    out["bursts"].append({"label": label, "daemon": kind, "size": size,
-                                          "error": traceback.format_exc()})  # fmt: skip
-                    lg.stop_daemon()
-                dest.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        for mode in modes:
+            for size in sizes:
+                for kind in daemons:
+                    label = f"r{rnd}-{mode}-{kind}-{size}"
+                    try:
+                        out["bursts"].append(run_burst(mode, kind, size, label))
+                    except Exception:
+                        traceback.print_exc()
+                        error = traceback.format_exc()
+                        out["bursts"].append(
+                            {"label": label, "mode": mode, "daemon": kind, "size": size,
+                             "error": error}
+                        )  # fmt: skip
+                        lg.stop_daemon()
+                    dest.write_text(json.dumps(out, indent=1, default=str) + "\n")
     if kill_size:
-        label = f"kill-ours-{kill_size}"
+        label = f"kill-warm-ours-{kill_size}"
         try:
-            out["bursts"].append(run_burst("ours", kill_size, label, kill=True))
+            out["bursts"].append(run_burst("warm", "ours", kill_size, label, kill=True))
         except Exception:
             traceback.print_exc()
             out["bursts"].append({"label": label, "error": traceback.format_exc()})

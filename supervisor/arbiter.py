@@ -1,100 +1,87 @@
-"""The supervisor: owns the netlink socket, the keys and the worker pool.
+"""The supervisor's arbiter: the loop, the signals, the processes.
 
-Process model
-    One single-threaded, privileged supervisor and a pool of pre-forked,
-    unprivileged workers that each run one TLS handshake at a time.
+Process model (supervisor/pool.py has the tree)
+    One single-threaded, privileged supervisor; per configuration generation
+    one unprivileged zygote with a warm TLS engine (workers/zygote.py); and
+    single-use workers that the zygote forks, each serving exactly one
+    request.  The supervisor forks only zygotes: at start, on reload, and to
+    replace a dead one.  It never forks during a burst; the zygote keeps a
+    small reserve of forked, idle workers so that a hand-off never waits.
 
     * The supervisor alone holds the `handshake` netlink sockets.  It ACCEPTs
-      every request (READY, ENOBUFS, or a periodic sweep for lost READYs),
-      keeps the fd the kernel installed for it, and queues the request with
-      a deadline.  Idle workers get queued requests oldest deadline first:
-      a copy of the fd goes by SCM_RIGHTS (supervisor/handoff.py).
+      (READY, ENOBUFS, or a periodic sweep for lost READYs), keeps the fd the
+      kernel installed, and brokers the request (supervisor/broker.py).
     * The kernel resolves DONE's SOCKFD in the sender's fd table, so DONE
       comes from the supervisor, with its own fd number, after the worker's
-      `result` (or the worker's death, deadline, junk, or shutdown); then the
-      supervisor closes its copy.  Every accepted request gets exactly one
-      DONE, on every path.
+      `result` (or its death, deadline, junk, or a stop).  Exactly one DONE
+      per accepted request, on every path.
     * The loop waits on one selector: the netlink notify socket, the signal
-      wake-up pipe, every worker's channel and the status socket.  Signal
-      handlers only record; `handle_<name>` methods run in the loop.
-    * Workers are untrusted.  Every message is validated (tlshd/ipc.py);
-      a worker that sends junk is killed and its request fails with EIO.  The
-      supervisor never blocks on a worker: channels are non-blocking and a
-      full channel counts as a broken worker.
-    * A worker inherits, through fork, the generation (Config + Credentials)
-      current at fork time, and nothing else: it closes every other fd,
-      including accepted sockets of other requests (workers/base.py).
-    * Reload (SIGHUP/SIGUSR1) builds a new generation and swaps it in only if
-      both the config and the credentials load.  New requests go to workers of
-      the new generation; idle old workers are retired at once, busy ones
-      after their handshake.
+      wake-up pipe, every zygote's and worker's channel and the status socket.
+      Signal handlers only record; `handle_<name>` methods run in the loop.
+    * Reload (SIGHUP/SIGUSR1) builds a new generation and a new zygote for it;
+      spare workers of the old one are let go at once, busy ones finish their
+      handshake, and the old zygote exits.
     * Stop (SIGTERM): stop accepting, fail queued requests with EIO, let
       in-flight handshakes finish for up to GRACEFUL_TIMEOUT_S, then fail the
-      rest with EIO and kill their workers; reap every worker (bounded), and
+      rest with EIO and kill their workers; reap everything (bounded), and
       return 0.  SIGINT does the same without the grace period.
+
+The arbiter keeps the loop and the processes; moving requests is the broker's
+job, and the status document is built in supervisor/status.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
-import select
 import selectors
-import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
-
-import psutil
 
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
 from tlshd.credentials import Credentials, CredentialsError, load_credentials
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
-from tlshd.params import Engine, HandshakeParams, HandshakeResult
+from tlshd.params import Engine, HandshakeParams
 from tlshd.proctitle import set_title
-from tlshd.uapi import MsgType
 
 from . import handoff
-from .memory import tree_memory
+from .broker import Broker, open_fd_count, raise_fd_limit
 from .notify import Notifier
 from .pool import (
-    WORKER_BOOT_ERROR,
+    FD_EXHAUSTED,
     Generation,
-    WorkerHandle,
     WorkerPool,
     WorkerState,
+    ZygoteHandle,
+    become_subreaper,
     describe_exit,
+    is_boot_error,
 )
-from .queue import DeadlineQueue, Request
+from .queue import DeadlineQueue
 from .signals import SIGNAL_NAMES, SignalQueue
 from .stats import CompletionStats
-from .status import StatusServer
+from .status import StatusServer, build_status
 
 LOOP_MAX_WAIT_S = 1.0
 ACCEPT_SWEEP_INTERVAL_S = 2.0  # recovers requests whose READY was lost
 # ACCEPTs per loop pass: a burst is taken in slices, so worker results, deaths
 # (DONE at once) and hand-offs are served between slices rather than after the
 # whole burst; a full slice makes the next pass accept again without waiting.
-MAX_ACCEPTS_PER_PASS = 8
-MAX_SPAWNS_PER_PASS = 2
+MAX_ACCEPTS_PER_PASS = 16
+# Forks asked of the zygote and not yet answered: enough to keep it busy
+# through a burst, few enough that its channel never fills.
+MAX_OUTSTANDING_FORKS = 16
 SUPERVISOR_NICE = -5
-MAX_MESSAGES_PER_WAKEUP = 32  # per worker, so one chatty worker cannot starve the loop
-# A consumer that sends TIMEOUT runs its own timer of that length; finish
-# inside it, since a DONE after its cancel is silently dropped.
-CONSUMER_TIMEOUT_MARGIN_MS = 500
-MIN_BUDGET_MS = 100
-BOOT_TIMEOUT_S = 15.0
-RETIRE_KILL_AFTER_S = 5.0
-IDLE_RETIRE_AFTER_S = 30.0
-RSS_CHECK_INTERVAL_S = 5.0
+ZYGOTE_BOOT_TIMEOUT_S = 30.0  # importing OpenSSL under emulation takes seconds
+WORKER_BOOT_TIMEOUT_S = 15.0
 GRACEFUL_TIMEOUT_S = 2.0
 REAP_TIMEOUT_S = 3.0
-MAX_CONSECUTIVE_BOOT_DEATHS = 5
+RESPAWN_BACKOFF_MAX_S = 10.0
 
 
 class HaltServer(Exception):
@@ -104,22 +91,6 @@ class HaltServer(Exception):
         super().__init__(reason)
         self.reason = reason
         self.exit_status = exit_status
-
-
-def handshake_budget_s(params: HandshakeParams, config: Config) -> float:
-    """Seconds from ACCEPT to the deadline of this request."""
-    if params.timeout_ms:
-        margin = min(CONSUMER_TIMEOUT_MARGIN_MS, params.timeout_ms // 10)
-        budget_ms = params.timeout_ms - margin
-    else:
-        budget_ms = config.worker.handshake_timeout_ms
-    return max(budget_ms, MIN_BUDGET_MS) / 1000
-
-
-def _default_engine() -> Engine:
-    from tlshd.workers.engine import perform_handshake
-
-    return perform_handshake
 
 
 def _default_keyservice(config: Config) -> Any:
@@ -152,32 +123,38 @@ class Arbiter:
         self.generation = Generation(1, config, credentials, self._keyservice_for(config))
         self.generations: dict[int, Generation] = {1: self.generation}
         self.netlink = netlink if netlink is not None else HandshakeNetlink()
-        self.engine = engine if engine is not None else _default_engine()
+        # None: the zygote imports the real engine itself, after the fork, so
+        # the supervisor never loads OpenSSL (start-up time, memory).
+        self.engine = engine
         self.install_ktls = install_ktls
-        self.ktls_state = ktls_state
         self.notifier = notifier if notifier is not None else Notifier()
         self.prepare_kernel = prepare_kernel
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue()
         self.pool = WorkerPool()
-        self.queue = DeadlineQueue()
         self.stats = CompletionStats()
+        self.broker = Broker(
+            self.netlink, self.pool, self.stats, self.generations, self.unwatch, ktls_state
+        )
         self.status = StatusServer(config.status_socket, self.selector, self.snapshot)
         self.started_at = time.monotonic()
-        self.next_req_id = 1
         self.next_sweep = 0.0
-        self.next_rss_check = 0.0
         self.accepting = False
+        self.accept_owed = False  # a READY came while admission was closed
         self.stopping = False
         self.grace_deadline: float | None = None
         self.ready_sent = False
-        self.boot_deaths = 0
-        self._last_worker_count = -1
-        self.spawn_backlog = False  # more workers wanted than forked this pass
+        self.zygote_deaths = 0  # in a row, before one became ready
+        self.respawn_at = 0.0
+        self.forks_paused_until = 0.0
 
     @property
     def config(self) -> Config:
         return self.generation.config
+
+    @property
+    def queue(self) -> DeadlineQueue:
+        return self.broker.queue
 
     # --- run ----------------------------------------------------------------
 
@@ -192,6 +169,7 @@ class Arbiter:
             return 0
         except HandshakeFamilyMissing as err:
             log.error("%s", err.strerror)
+            self.emergency_stop()  # the zygote is already running
             return 1
         except HaltServer as halt:
             log.error("stopping: %s", halt.reason)
@@ -207,10 +185,16 @@ class Arbiter:
     def start(self) -> None:
         set_title("tlshd: supervisor")
         # The supervisor's ACCEPTs and DONEs run against the consumers' timers
-        # and cost little CPU: let it win the CPU over the handshakes (workers
-        # go back to 0 after fork).  Unprivileged: keep the inherited value.
+        # and cost little CPU: let it win the CPU over the handshakes (the
+        # zygote goes back to 0).  Unprivileged: keep the inherited value.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, SUPERVISOR_NICE)
+        fd_limit = raise_fd_limit()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper; orphaned workers go to init")
+        # The zygote first: its imports and warm-up are the longest part of
+        # start-up, and they overlap with the rest of it on another CPU.
+        self.spawn_zygote()
         try:
             self.netlink.open()
         except HandshakeFamilyMissing:
@@ -223,45 +207,54 @@ class Arbiter:
         self.status.open()
         if self.prepare_kernel is not None:
             self.prepare_kernel()
+        self.broker.set_limits(self.config.pool.max_queued, fd_limit, open_fd_count())
         self.accepting = True
-        self.manage_workers()
-        log.info(
-            "tlshd supervisor %d serving handshakes (pool %d..%d workers)",
-            os.getpid(),
-            self.config.pool.min_workers,
-            self.config.pool.max_workers,
-        )
 
     def run_once(self) -> None:
-        """One pass of the loop: wait, dispatch, then the periodic duties."""
+        """One pass of the loop.  The order matters:
+        1. wait and read: netlink READYs (ACCEPT, hand-off at once), worker
+           results (DONE at once), zygote reports, status clients;
+        2. signals, so a stop or reload acts before new work is handed out;
+        3. reap: a dead zygote's requests get EIO before anything waits on it;
+        4. deadlines: kill overrunning workers (ETIMEDOUT) and fail expired
+           queued requests before dispatch could hand them out too late;
+        5. accept what admission now allows (a sweep, or READYs owed while the
+           queue was full), then dispatch the queue to spare workers;
+        6. refill the reserve: after dispatch, so the fork requests count what
+           this pass used; the zygote forks while the loop waits again;
+        7. upkeep: replace a dead zygote, forget exited workers, notify."""
         for key, events in self.selector.select(self.next_timeout()):
             key.data(events)
         for signum in self.signals.drain():
             self.dispatch_signal(signum)
+        self.reap_children()
         now = time.monotonic()
-        if self.accepting and now >= self.next_sweep:
-            self.accept_requests()
         self.murder_workers(now)
-        self.reap_workers()
-        self.expire_queued(now)
-        self.dispatch_queued(now)
-        self.manage_workers()
+        self.broker.expire(now)
+        if self.accepting and (self.accept_owed or now >= self.next_sweep):
+            self.accept_requests()
+        self.broker.dispatch(time.monotonic())
+        self.refill_reserve()
+        self.zygote_upkeep(time.monotonic())
         self.status.expire_clients(now)
-        self.update_notify(now)
+        self.update_notify(time.monotonic())
 
     def next_timeout(self) -> float:
-        if self.spawn_backlog:
-            return 0.0
         now = time.monotonic()
         wakeups = [now + LOOP_MAX_WAIT_S, now + self.notifier.next_wakeup(now)]
         if self.accepting:
             wakeups.append(self.next_sweep)
-        if (queued := self.queue.next_deadline()) is not None:
-            wakeups.append(queued)
-        wakeups += [w.request.deadline for w in self.pool if w.request is not None]
+        if (deadline := self.broker.next_deadline()) is not None:
+            wakeups.append(deadline)
         if self.grace_deadline is not None:
             wakeups.append(self.grace_deadline)
+        if self.pool.live_zygote(self.generation.number) is None and not self.stopping:
+            wakeups.append(self.respawn_at)
         return max(0.0, min(wakeups) - now)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
 
     # --- signals --------------------------------------------------------------
 
@@ -274,7 +267,7 @@ class Arbiter:
         handler()
 
     def handle_hup(self) -> None:
-        """Reload the configuration and credentials (new generation of workers)."""
+        """Reload the configuration and credentials (a new generation and zygote)."""
         self.reload()
 
     def handle_usr1(self) -> None:
@@ -290,7 +283,7 @@ class Arbiter:
         self.begin_stop(0.0)
 
     def handle_chld(self) -> None:
-        """A worker exited; `reap_workers` runs on every pass anyway."""
+        """A zygote (or an orphaned worker) exited; `reap_children` runs on every pass."""
 
     # --- accepting requests -----------------------------------------------------
 
@@ -305,415 +298,280 @@ class Arbiter:
             self.accept_requests()
 
     def accept_requests(self) -> None:
-        """ACCEPT up to MAX_ACCEPTS_PER_PASS requests, handing each to an idle
-        worker at once; if the kernel may have more, the next pass accepts again."""
+        """ACCEPT up to MAX_ACCEPTS_PER_PASS requests while admission allows,
+        handing each to a spare worker at once.  Requests beyond the bound stay
+        pending in the kernel; `accept_owed` brings us back when there is room."""
         self.next_sweep = time.monotonic() + ACCEPT_SWEEP_INTERVAL_S
+        self.accept_owed = False
         for _ in range(MAX_ACCEPTS_PER_PASS):
+            if not self.broker.can_accept():
+                self.accept_owed = True
+                return
             try:
                 params = self.netlink.accept()
             except NetlinkDecodeError:
                 continue  # the codec logged it and failed the fd
             except OSError as err:
                 log_oserror("ACCEPT", err)
+                if err.errno in FD_EXHAUSTED:
+                    self.accept_owed = True
                 return
             if params is None:
                 return
-            self.enqueue(params)
-            self.dispatch_queued(time.monotonic())
-        self.next_sweep = time.monotonic()  # more may be pending: next pass, no wait
+            self.broker.enqueue(params, self.config)
+            self.broker.dispatch(time.monotonic())
+        self.accept_owed = True  # more may be pending: next pass, no wait
 
-    def enqueue(self, params: HandshakeParams) -> None:
-        now = time.monotonic()
-        req_id = self.next_req_id
-        self.next_req_id += 1
-        budget = handshake_budget_s(params, self.config)
-        request = handoff.open_request(params, req_id, now, budget)
-        if request is None:
-            return
-        request.log.debug(
-            "accepted %s request (auth mode %d), fd %d, deadline in %.1f s",
-            request.role,
-            params.auth_mode,
-            params.sockfd,
-            budget,
-        )
-        self.queue.push(request)
+    # --- zygotes ----------------------------------------------------------------------
 
-    # --- finishing requests ------------------------------------------------------
-
-    def finish(self, request: Request, status: int, detail: str = "") -> None:
-        self.finish_with(request, HandshakeResult(status=status, detail=detail))
-
-    def finish_with(self, request: Request, result: HandshakeResult) -> None:
-        handoff.complete(self.netlink, request, result, self.stats)
-
-    def expire_queued(self, now: float) -> None:
-        for request in self.queue.pop_expired(now):
-            self.finish(request, errno.ETIMEDOUT, "no worker became free before the deadline")
-
-    def dispatch_queued(self, now: float) -> None:
-        """Hand queued requests to idle workers: first the other half of a
-        connection whose first half has a worker (both ends local), then the
-        earliest deadline.  A half alone only waits for its peer."""
-        if not self.queue:
-            return
-        idle = [
-            w
-            for w in self.pool
-            if w.state is WorkerState.IDLE and w.generation == self.generation.number
-        ]
-        idle.sort(key=lambda w: w.idle_since, reverse=True)  # warmest first
-        if not idle:
-            return
-        in_flight = {w.request.pair_key for w in self.pool if w.request is not None}
-        while self.queue and idle:
-            worker = idle.pop(0)
-            request = self.queue.pop_partner(in_flight) or self.queue.pop()
-            self.hand_off(worker, request, now)
-            in_flight.add(request.pair_key)
-
-    def hand_off(self, worker: WorkerHandle, request: Request, now: float) -> None:
-        assert worker.sock is not None
-        try:
-            handoff.hand_off(worker.sock, worker.pid, request, now)
-        except (OSError, ipc.IpcError) as err:
-            # Nothing was sent (SOCK_SEQPACKET is all or nothing): the request
-            # waits for another worker; this one is broken.
-            request.log.warning("hand-off to worker %d failed: %s", worker.pid, err)
-            self.queue.push(request)
-            self.kill_worker(worker, errno.EIO, "its channel is full or broken")
-            return
-        worker.state = WorkerState.BUSY
-        worker.request = request
-        worker.phase = "handoff"
-
-    # --- worker messages ---------------------------------------------------------
-
-    def _on_worker_readable(self, worker: WorkerHandle) -> None:
-        for _ in range(MAX_MESSAGES_PER_WAKEUP):
-            if worker.sock is None:
-                return
-            try:
-                message, fds = ipc.recv_message(worker.sock, ipc.WORKER_OPS)
-            except (BlockingIOError, InterruptedError):
-                return
-            except ipc.IpcError as err:
-                self.reject_worker(worker, str(err))
-                return
-            except OSError as err:
-                self.worker_lost(worker, f"channel error: {err}")
-                return
-            if message is None:
-                if _hung_up(worker.sock):
-                    # Usually it died; but one that closed its channel and lives
-                    # on is beyond supervision and may still hold a consumer's
-                    # socket.  Not reaped yet (exit_status None), so its pid
-                    # cannot have been reused.
-                    if worker.exit_status is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(worker.pid, signal.SIGKILL)
-                    self.worker_lost(worker, "closed its channel")
-                else:  # a zero-length datagram reads like EOF, but the worker is alive
-                    self.reject_worker(worker, "an empty datagram")
-                return
-            if fds:
-                for fd in fds:
-                    os.close(fd)
-                self.reject_worker(worker, "a worker never sends file descriptors")
-                return
-            try:
-                self.handle_worker_message(worker, message)
-            except ipc.IpcError as err:
-                self.reject_worker(worker, str(err))
-                return
-
-    def handle_worker_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        op = message["op"]
-        if op == "ready":
-            self.on_ready(worker, message)
-        elif op == "phase":
-            self.on_phase(worker, message)
-        elif op in ipc.KEY_OPS:
-            self.on_key_request(worker, message)
-        elif op == "result":
-            self.on_result(worker, message)
-
-    def on_ready(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        if worker.ready_at is not None or worker.state not in (
-            WorkerState.BOOTING,
-            WorkerState.RETIRING,  # retired while booting (a reload): it exits soon
-        ):
-            raise ipc.IpcError(f"'ready' from a worker in state {worker.state.value}")
-        if ipc.check_int(message, "pid", 1, 2**31) != worker.pid:
-            raise ipc.IpcError("'ready' names another pid")
-        if ipc.check_int(message, "generation", 0, 2**31) != worker.generation:
-            raise ipc.IpcError("'ready' names another generation")
-        now = time.monotonic()
-        worker.ready_at = worker.idle_since = now
-        if worker.state is WorkerState.BOOTING:
-            worker.state = WorkerState.IDLE
-        self.boot_deaths = 0
-        log.debug("worker %d ready (generation %d)", worker.pid, worker.generation)
-
-    def on_phase(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        ipc.check_req(message, self._current_req_id(worker))
-        worker.phase = ipc.check_str(message, "phase", ipc.MAX_PHASE_LEN)
-        ipc.check_str(message, "peer", ipc.MAX_PEER_LEN)
-
-    def on_key_request(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        ipc.check_req(message, self._current_req_id(worker))
-        request = worker.request
-        assert request is not None
-        key_request = ipc.KeyRequest.from_message(message)
-        reply = self.answer_key_request(worker, request, key_request)
-        if reply.ok and reply.serial:
-            request.known_serials.add(reply.serial)
-        try:
-            ipc.send_message(worker.sock, reply.to_message(key_request.id))  # type: ignore[arg-type]
-        except (OSError, ipc.IpcError) as err:
-            self.kill_worker(worker, errno.EIO, f"cannot send its key reply: {err}")
-
-    def answer_key_request(
-        self, worker: WorkerHandle, request: Request, key_request: ipc.KeyRequest
-    ) -> ipc.KeyReply:
-        from .keyservice import RequestScope
-
-        keyservice = self.generations[worker.generation].keyservice
-        if request.key_scope is None:  # one scope per request: it counts PSK searches
-            request.key_scope = RequestScope.from_params(request.params)
-        try:
-            return keyservice.answer(request.key_scope, key_request)
-        except Exception:
-            request.log.exception("key request %s failed", key_request.op)
-            return ipc.KeyReply.failure(errno.EIO)
-
-    def on_result(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        ipc.check_req(message, self._current_req_id(worker))
-        request = worker.request
-        assert request is not None
-        result = ipc.check_result(message)
-        unknown = set(result.remote_auth) - request.known_serials
-        if request.params.message_type == MsgType.SERVERHELLO:
-            # An x509 server reports UINT_MAX per client certificate (no key), as upstream.
-            unknown.discard(ipc.X509_SERVER_PEER_ID)
-        if unknown:
-            raise ipc.IpcError(f"remote_auth names keys {sorted(unknown)} unknown to this request")
-        worker.request = None
-        worker.handshakes += 1
-        worker.phase = ""
-        self.finish_with(request, handoff.checked_result(request, result, self.ktls_state))
-        worker.state = WorkerState.IDLE
-        worker.idle_since = time.monotonic()
-        if self.stopping or worker.generation != self.generation.number:
-            self.retire_worker(worker)
-
-    @staticmethod
-    def _current_req_id(worker: WorkerHandle) -> int | None:
-        return worker.request.req_id if worker.request is not None else None
-
-    # --- worker deaths ------------------------------------------------------------
-
-    def reject_worker(self, worker: WorkerHandle, reason: str) -> None:
-        log.error("worker %d sent an invalid message (%s); killing it", worker.pid, reason)
-        self.kill_worker(worker, errno.EIO, "the worker misbehaved")
-
-    def kill_worker(self, worker: WorkerHandle, status: int, reason: str) -> None:
-        """SIGKILL a worker and fail its request with `status` at once."""
-        self.pool.signal(worker, signal.SIGKILL)
-        if worker.request is not None:
-            request, worker.request = worker.request, None
-            self.finish(request, status, reason)
-        self.mark_dead(worker)
-
-    def worker_lost(self, worker: WorkerHandle, reason: str) -> None:
-        """The worker's channel closed: it died (or exited); fail its request now."""
-        if worker.request is not None:
-            request, worker.request = worker.request, None
-            request.log.error("worker %d died during the handshake (%s)", worker.pid, reason)
-            self.finish(request, errno.EIO, "the worker died")
-        self.mark_dead(worker)
-
-    def mark_dead(self, worker: WorkerHandle) -> None:
-        if worker.sock is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(worker.sock)
-            worker.close_channel()
-        worker.state = WorkerState.DEAD
-
-    def reap_workers(self) -> None:
-        for worker in self.pool.reap():
-            if worker.sock is not None:
-                # A worker may send its `result` and exit (SIGTERM during a
-                # stop) after this pass's select(): read what it queued before
-                # calling it lost, or a finished handshake would get DONE(EIO).
-                self._on_worker_readable(worker)
-            if worker.sock is not None:
-                self.worker_lost(worker, "exited")
-            assert worker.exit_status is not None
-            self.log_worker_exit(worker)
-            retired = worker.killed or worker.retire_sent_at is not None
-            if worker.ready_at is None and not retired and not self.stopping:
-                self.note_boot_death(worker)
-        self.prune_generations()
-
-    def log_worker_exit(self, worker: WorkerHandle) -> None:
-        assert worker.exit_status is not None
-        if worker.killed:
-            log.debug("worker %d was killed by the supervisor", worker.pid)
-            return
-        text, level = describe_exit(worker.exit_status)
-        if worker.retire_sent_at is not None and level < logging.ERROR:
-            level = logging.DEBUG  # retired on purpose
-        log.log(level, "worker %d %s", worker.pid, text)
-
-    def note_boot_death(self, worker: WorkerHandle) -> None:
-        assert worker.exit_status is not None
-        if (
-            os.WIFEXITED(worker.exit_status)
-            and os.WEXITSTATUS(worker.exit_status) == WORKER_BOOT_ERROR
-        ):
-            raise HaltServer("workers cannot start (see the worker's error above)")
-        self.boot_deaths += 1
-        if self.boot_deaths >= MAX_CONSECUTIVE_BOOT_DEATHS:
-            raise HaltServer(f"{self.boot_deaths} workers in a row died before becoming ready")
-
-    def prune_generations(self) -> None:
-        live = {w.generation for w in self.pool} | {self.generation.number}
-        for number in list(self.generations):
-            if number not in live:
-                del self.generations[number]
-
-    def murder_workers(self, now: float) -> None:
-        """Kill workers past their deadline, stuck booting, or slow to retire."""
-        for worker in self.pool:
-            if worker.request is not None and now >= worker.request.deadline:
-                worker.request.log.error(
-                    "worker %d overran the handshake deadline; killing it", worker.pid
-                )
-                self.kill_worker(worker, errno.ETIMEDOUT, "handshake deadline passed")
-            elif worker.state is WorkerState.BOOTING and now - worker.spawned_at > BOOT_TIMEOUT_S:
-                log.error("worker %d did not become ready; killing it", worker.pid)
-                self.kill_worker(worker, errno.EIO, "worker did not boot")
-            elif (
-                worker.state is WorkerState.RETIRING
-                and worker.retire_sent_at is not None
-                and now - worker.retire_sent_at > RETIRE_KILL_AFTER_S
-            ):
-                log.warning("worker %d did not exit when retired; killing it", worker.pid)
-                self.kill_worker(worker, errno.EIO, "worker did not retire")
-        if self.grace_deadline is not None and now >= self.grace_deadline:
-            for worker in self.pool:
-                if worker.request is not None:
-                    worker.request.log.error("daemon stopping; abandoning the handshake")
-                    self.kill_worker(worker, errno.EIO, "the daemon is stopping")
-
-    # --- pool size -------------------------------------------------------------------
-
-    def manage_workers(self) -> None:
-        """Keep min_workers idle, grow for queued requests, retire old and surplus."""
-        if self.stopping:
-            self.spawn_backlog = False
-            return
-        now = time.monotonic()
-        self.retire_old_generations()
-        if now >= self.next_rss_check:
-            self.next_rss_check = now + RSS_CHECK_INTERVAL_S
-            self.measure_workers()
-        self.recycle_workers()
-        self.spawn_needed_workers()
-        self.retire_surplus_workers(now)
-        count = self.pool.count(WorkerState.BOOTING, WorkerState.IDLE, WorkerState.BUSY)
-        if count != self._last_worker_count:
-            log.debug("%d workers", count)
-            self._last_worker_count = count
-
-    def retire_old_generations(self) -> None:
-        for worker in self.pool:
-            if worker.generation != self.generation.number and worker.state in (
-                WorkerState.IDLE,
-                WorkerState.BOOTING,
-            ):
-                self.retire_worker(worker)
-
-    def measure_workers(self) -> None:
-        for worker in self.pool:
-            if worker.state is WorkerState.DEAD:
-                continue
-            with contextlib.suppress(psutil.Error):
-                worker.rss_bytes = psutil.Process(worker.pid).memory_info().rss
-
-    def recycle_workers(self) -> None:
-        pool_config = self.config.pool
-        for worker in self.pool.in_state(WorkerState.IDLE):
-            if worker.handshakes >= pool_config.max_handshakes:
-                log.info(
-                    "worker %d served %d handshakes; recycling it", worker.pid, worker.handshakes
-                )
-                self.retire_worker(worker)
-            elif worker.handshakes and worker.rss_bytes > pool_config.max_rss_mib * 1024 * 1024:
-                # Only a worker that has served: a fresh one's size is the
-                # baseline, and replacing it would only churn.
-                log.info("worker %d uses %d MiB; recycling it", worker.pid, worker.rss_bytes >> 20)
-                self.retire_worker(worker)
-
-    def spawn_needed_workers(self) -> None:
-        pool_config = self.config.pool
-        current = self.generation.number
-        ready_soon = self.pool.count(WorkerState.IDLE, WorkerState.BOOTING, generation=current)
-        live = self.pool.count(WorkerState.IDLE, WorkerState.BOOTING, WorkerState.BUSY)
-        wanted = max(pool_config.min_workers, len(self.queue)) - ready_soon
-        needed = max(0, min(wanted, pool_config.max_workers - live))
-        # A fork of the supervisor is slow (page tables; ~0.1-0.2 s under
-        # emulation): fork a few per pass, so ACCEPTs, hand-offs and DONEs
-        # go on between forks while the pool grows.
-        for _ in range(min(needed, MAX_SPAWNS_PER_PASS)):
-            self.spawn_worker()
-        self.spawn_backlog = needed > MAX_SPAWNS_PER_PASS
-
-    def retire_surplus_workers(self, now: float) -> None:
-        if self.queue:
-            return
-        idle = sorted(
-            (w for w in self.pool.in_state(WorkerState.IDLE)),
-            key=lambda w: w.idle_since,
-        )
-        surplus = len(idle) - self.config.pool.min_workers
-        for worker in idle[: max(0, surplus)]:
-            if now - worker.idle_since > IDLE_RETIRE_AFTER_S:
-                self.retire_worker(worker)
-
-    def spawn_worker(self) -> WorkerHandle:
-        from tlshd.workers.base import Worker
+    def spawn_zygote(self) -> ZygoteHandle | None:
+        from tlshd.workers.zygote import Zygote
 
         generation = self.generation
 
-        def build(channel: socket.socket) -> Worker:
-            return Worker(channel, generation, self.engine, self.close_in_child, self.install_ktls)
+        def build(channel: socket.socket) -> Zygote:
+            return Zygote(channel, generation, self.engine, self.close_in_child, self.install_ktls)
 
-        worker = self.pool.spawn(generation.number, build)
-        assert worker.sock is not None
+        try:
+            zygote = self.pool.spawn_zygote(generation.number, build)
+        except OSError as err:
+            log.error("cannot fork a zygote: %s; retrying", err)
+            self.respawn_at = time.monotonic() + 1.0
+            return None
+        assert zygote.sock is not None
         self.selector.register(
-            worker.sock, selectors.EVENT_READ, lambda _ev, w=worker: self._on_worker_readable(w)
+            zygote.sock, selectors.EVENT_READ, lambda _ev, z=zygote: self._on_zygote_readable(z)
         )
-        return worker
+        return zygote
 
-    def retire_worker(self, worker: WorkerHandle) -> None:
-        """Ask a worker without a request to exit (SIGTERM); it gets no more work."""
-        if worker.state in (WorkerState.RETIRING, WorkerState.DEAD) or worker.request:
+    def _on_zygote_readable(self, zygote: ZygoteHandle) -> None:
+        for _ in range(4 * MAX_OUTSTANDING_FORKS):
+            if zygote.sock is None:
+                return
+            try:
+                message, fds = self.pool.receive_report(zygote)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ipc.IpcError, OSError) as err:
+                log.error("zygote %d: %s; killing it", zygote.pid, err)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(zygote.pid, 9)  # our child, not yet reaped: no pid reuse
+                self.zygote_lost(zygote, "it misbehaved")
+                return
+            if message is None:
+                self.zygote_lost(zygote, "it exited")
+                return
+            try:
+                self.handle_zygote_message(zygote, message, fds)
+            except ipc.IpcError as err:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                log.error("zygote %d sent an invalid message: %s", zygote.pid, err)
+
+    def handle_zygote_message(
+        self, zygote: ZygoteHandle, message: dict[str, Any], fds: list[int]
+    ) -> None:
+        op = message["op"]
+        if op == "zygote_ready":
+            if ipc.check_int(message, "pid", 1, 2**31) != zygote.pid:
+                raise ipc.IpcError("'zygote_ready' names another pid")
+            zygote.ready_at = time.monotonic()
+            self.zygote_deaths = 0
+            log.debug(
+                "zygote %d ready (generation %d) in %.2f s",
+                zygote.pid,
+                zygote.generation,
+                zygote.ready_at - zygote.spawned_at,
+            )
+        elif op == "forked":
+            token = ipc.check_int(message, "token", 1, 2**63)
+            pid = ipc.check_int(message, "pid", 1, 2**31)
+            pidfd = fds[0] if fds else None
+            worker = self.pool.workers.get(token)
+            if worker is None or worker.zygote_pid != zygote.pid:
+                if pidfd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(pidfd)
+                return
+            try:
+                worker.forked(pid, pidfd, zygote.pid)
+            except ipc.IpcError as err:
+                self.broker.reject_worker(worker, str(err))
+        elif op == "fork_failed":
+            token = ipc.check_int(message, "token", 1, 2**63)
+            fork_errno = ipc.check_int(message, "errno", 0, 4095)
+            log.error("zygote %d cannot fork a worker: %s", zygote.pid, os.strerror(fork_errno))
+            self.forks_paused_until = time.monotonic() + 0.5  # EAGAIN: let processes exit
+            if (worker := self.pool.workers.get(token)) is not None:
+                if (request := worker.release_request()) is not None:
+                    self.queue.push(request)
+                worker.reaped = True
+                self.broker.close_worker(worker)
+        elif op == "exited":
+            self.worker_exited(
+                ipc.check_int(message, "pid", 1, 2**31), ipc.check_int(message, "status", 0, 2**16)
+            )
+
+    def worker_exited(self, pid: int, status: int) -> None:
+        """A worker's wait status, from its zygote or from our own waitpid."""
+        worker = self.pool.by_pid(pid)
+        if worker is None:
             return
-        worker.state = WorkerState.RETIRING
-        worker.retire_sent_at = time.monotonic()
-        self.pool.signal(worker, signal.SIGTERM)
+        worker.exit_status = status
+        worker.reaped = True
+        if worker.sock is not None:
+            # Its `result` may be queued behind the exit report: read it
+            # before calling the worker lost, or a finished handshake would
+            # get DONE(EIO).
+            self.broker.on_worker_readable(worker)
+        if worker.sock is not None:
+            self.broker.worker_lost(worker, "exited")
+        text, level = describe_exit(status)
+        if worker.killed:
+            log.debug("worker %d was killed by the supervisor", pid)
+        elif status != 0:
+            log.log(level, "worker %d %s", pid, text)
+        if worker.ready_at is None and not worker.killed and is_boot_error(status):
+            raise HaltServer("workers cannot start (see the worker's error above)")
+
+    def zygote_lost(self, zygote: ZygoteHandle, reason: str) -> None:
+        """Its channel closed: fail its workers' requests with EIO now and
+        kill its workers (they are reparented to us, and reaped here)."""
+        if zygote.sock is not None:
+            self.unwatch(zygote.sock)
+            zygote.close_channel()
+        if zygote.retiring:
+            return
+        log.error("zygote %d is gone (%s)", zygote.pid, reason)
+        if zygote.exit_status is None:
+            # Our child, not yet reaped: its pid cannot have been reused.  One
+            # that closed its channel and lives on is of no use.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote.pid, 9)
+        for worker in self.pool.of_zygote(zygote):
+            if worker.request is not None:
+                worker.request.log.error("the zygote of worker %s died", worker.pid)
+            self.broker.kill_worker(worker, errno.EIO, "the zygote died")
+            if worker.pidfd is None:
+                worker.reaped = True  # never forked, or we cannot know: forget it
+
+    def retire_zygote(self, zygote: ZygoteHandle) -> None:
+        """Let a zygote go: it reads EOF and exits; its busy workers finish."""
+        zygote.retiring = True
+        if zygote.sock is not None:
+            self.unwatch(zygote.sock)
+            zygote.close_channel()
+        for worker in self.pool.of_zygote(zygote):
+            if worker.spare:
+                self.broker.close_worker(worker)
+                worker.let_go()
+            if worker.pid is None:
+                # Its `forked` report is lost with the channel; it exits on
+                # EOF and is reaped by reap_children() as an unknown orphan.
+                worker.reaped = True
+
+    def reap_children(self) -> None:
+        for pid, status in self.pool.reap_children():
+            zygote = self.pool.zygotes.pop(pid, None)
+            if zygote is None:
+                self.worker_exited(pid, status)  # orphaned by a dead zygote
+                continue
+            zygote.exit_status = status
+            self.zygote_lost(zygote, "it exited")
+            text, level = describe_exit(status)
+            if zygote.retiring or self.stopping:
+                log.debug("zygote %d %s", pid, text)
+                continue
+            log.log(max(level, 30), "zygote %d %s", pid, text)
+            if zygote.ready_at is None and is_boot_error(status):
+                raise HaltServer("workers cannot start: the zygote could not (see its error above)")
+            if zygote.ready_at is None:
+                self.zygote_deaths += 1
+            # Replace it, backing off if zygotes keep dying before they are ready.
+            delay = min(RESPAWN_BACKOFF_MAX_S, 0.25 * (2**self.zygote_deaths - 1))
+            self.respawn_at = time.monotonic() + delay
+
+    def zygote_upkeep(self, now: float) -> None:
+        """Replace a dead zygote of the current generation; forget exited workers."""
+        self.pool.forget_finished()
+        if self.stopping:
+            return
+        current = self.pool.live_zygote(self.generation.number)
+        unreaped = any(
+            z.generation == self.generation.number and not z.retiring
+            for z in self.pool.zygotes.values()
+        )
+        if current is None and not unreaped and now >= self.respawn_at:
+            # Only once the dead one is reaped: its exit status decides
+            # between a replacement and a halt (WORKER_BOOT_ERROR).
+            self.spawn_zygote()
+        elif (
+            current is not None
+            and current.ready_at is None
+            and now - current.spawned_at > ZYGOTE_BOOT_TIMEOUT_S
+        ):
+            log.error("zygote %d did not become ready; killing it", current.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(current.pid, 9)
+            self.zygote_lost(current, "it did not become ready")
+
+    def refill_reserve(self) -> None:
+        """Ask the zygote for workers: the reserve, plus one per queued
+        request, within `[pool] max_workers` live workers."""
+        if self.stopping or time.monotonic() < self.forks_paused_until:
+            return
+        zygote = self.pool.live_zygote(self.generation.number)
+        if zygote is None or zygote.ready_at is None:
+            return
+        pool_config = self.config.pool
+        current = self.generation.number
+        spare = len(self.pool.spare(current))
+        outstanding = sum(1 for w in self.pool if w.pid is None and w.sock is not None)
+        live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
+        wanted = pool_config.min_workers + len(self.queue) - spare
+        count = min(wanted, pool_config.max_workers - live, MAX_OUTSTANDING_FORKS - outstanding)
+        for _ in range(max(0, count)):
+            if not self.broker.can_add_worker():
+                return
+            worker = self.pool.request_worker(zygote)
+            if worker is None:
+                return
+            assert worker.sock is not None
+            self.selector.register(
+                worker.sock,
+                selectors.EVENT_READ,
+                lambda _ev, w=worker: self.broker.on_worker_readable(w),
+            )
+
+    def murder_workers(self, now: float) -> None:
+        """Kill workers stuck before `ready`, and everything busy after the grace period."""
+        for worker in self.pool:
+            if (
+                worker.state is WorkerState.STARTING
+                and now - worker.requested_at > WORKER_BOOT_TIMEOUT_S
+            ):
+                log.error("worker %s did not become ready; killing it", worker.pid)
+                self.broker.kill_worker(worker, errno.EIO, "worker did not boot")
+        if self.grace_deadline is not None and now >= self.grace_deadline:
+            for worker in self.pool.busy():
+                assert worker.request is not None
+                worker.request.log.error("daemon stopping; abandoning the handshake")
+                self.broker.kill_worker(worker, errno.EIO, "the daemon is stopping")
 
     def close_in_child(self) -> None:
-        """Runs in a freshly forked worker: drop the supervisor's resources
+        """Runs in a freshly forked zygote: drop the supervisor's resources
         through their owners, so no object later closes a reused fd number."""
         self.signals.close_in_child()
         self.status.close_in_child()
         self.notifier.close()
-        self.pool.close_channels_in_child()
-        for request in [*self.queue, *(w.request for w in self.pool if w.request)]:
-            request.sock.close()
+        for worker in self.pool:
+            worker.forget()
+        for zygote in self.pool.zygotes.values():
+            zygote.close_channel()
+        for request in [*self.queue, *(w.request for w in self.pool.busy())]:
+            if request is not None:
+                request.sock.close()
         with contextlib.suppress(OSError):
             self.netlink.close()
         self.selector.close()
@@ -728,7 +586,7 @@ class Arbiter:
             config = load_config(self.config_path)
             credentials = load_credentials(config)
             keyservice = self._keyservice_for(config)
-        except (ConfigError, CredentialsError, OSError) as err:
+        except (ConfigError, CredentialsError, OSError, MemoryError) as err:
             log.error("reload failed; keeping the current configuration: %s", err)
             self.notifier.ready()
             return
@@ -740,9 +598,22 @@ class Arbiter:
         number = self.generation.number + 1
         self.generation = Generation(number, config, credentials, keyservice)
         self.generations[number] = self.generation
+        self.broker.current = number
+        self.broker.max_queued = config.pool.max_queued
         log.info("configuration reloaded from %s (generation %d)", self.config_path, number)
-        self.retire_old_generations()
+        for zygote in list(self.pool.zygotes.values()):
+            if zygote.generation != number and not zygote.retiring:
+                self.retire_zygote(zygote)
+        self.respawn_at = 0.0
+        self.spawn_zygote()
+        self.prune_generations()
         self.notifier.ready()
+
+    def prune_generations(self) -> None:
+        live = {w.generation for w in self.pool} | {self.generation.number}
+        for number in list(self.generations):
+            if number not in live:
+                del self.generations[number]
 
     # --- stop -----------------------------------------------------------------------
 
@@ -752,46 +623,52 @@ class Arbiter:
             # A second signal shortens the grace period.
             self.grace_deadline = min(self.grace_deadline or now, now + grace_s)
             return
-        log.info("stopping: %d in flight, %d queued", self.in_flight(), len(self.queue))
+        log.info("stopping: %d in flight, %d queued", self.broker.in_flight(), len(self.queue))
         self.stopping = True
         self.accepting = False
         self.grace_deadline = now + grace_s
         self.notifier.stopping()
-        for request in self.queue.drain():
-            self.finish(request, errno.EIO, "the daemon is stopping")
-        for worker in self.pool:
-            if worker.state is not WorkerState.DEAD:
-                if worker.state is not WorkerState.BUSY:
-                    worker.state = WorkerState.RETIRING
-                    worker.retire_sent_at = now
-                self.pool.signal(worker, signal.SIGTERM)
+        self.broker.fail_queued(errno.EIO, "the daemon is stopping")
+        for zygote in list(self.pool.zygotes.values()):
+            self.retire_zygote(zygote)
 
     def stop_complete(self) -> bool:
-        return self.in_flight() == 0
+        return self.broker.in_flight() == 0
 
     def finish_stop(self) -> None:
-        """Reap every worker within REAP_TIMEOUT_S, killing the stragglers."""
+        """Reap the zygotes and every worker within REAP_TIMEOUT_S, killing stragglers."""
+        for worker in self.pool:
+            self.broker.close_worker(worker)
         self.reap_all(REAP_TIMEOUT_S)
         for worker in self.pool:
-            log.warning("worker %d did not exit; killing it", worker.pid)
-            self.kill_worker(worker, errno.EIO, "the daemon is stopping")
+            log.warning("worker %s did not exit; killing it", worker.pid)
+            worker.kill()
+        for zygote in self.pool.zygotes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote.pid, 9)
         self.reap_all(REAP_TIMEOUT_S)
 
     def reap_all(self, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
-        self.reap_workers()
-        while len(self.pool) and time.monotonic() < end:
+        while True:
+            for pid, status in self.pool.reap_children():
+                if self.pool.zygotes.pop(pid, None) is None:
+                    with contextlib.suppress(HaltServer):
+                        self.worker_exited(pid, status)
+            self.pool.forget_finished()
+            if not (self.pool.zygotes or len(self.pool)) or time.monotonic() >= end:
+                return
             time.sleep(0.02)
-            self.reap_workers()
 
     def emergency_stop(self) -> None:
         """After an error: fail everything now, kill every worker, reap."""
         self.stopping = True
         self.accepting = False
-        for request in self.queue.drain():
-            self.finish(request, errno.EIO, "the daemon is stopping")
+        self.broker.fail_queued(errno.EIO, "the daemon is stopping")
         for worker in self.pool:
-            self.kill_worker(worker, errno.EIO, "the daemon is stopping")
+            self.broker.kill_worker(worker, errno.EIO, "the daemon is stopping")
+        for zygote in list(self.pool.zygotes.values()):
+            self.retire_zygote(zygote)
         self.reap_all(REAP_TIMEOUT_S)
 
     def close(self) -> None:
@@ -805,67 +682,57 @@ class Arbiter:
 
     # --- status -------------------------------------------------------------------
 
-    def in_flight(self) -> int:
-        return sum(1 for w in self.pool if w.request is not None)
-
     def update_notify(self, now: float) -> None:
-        idle = self.pool.count(WorkerState.IDLE, generation=self.generation.number)
-        if not self.ready_sent and not self.stopping and idle >= self.config.pool.min_workers:
+        current = self.generation.number
+        idle = self.pool.count(WorkerState.IDLE, generation=current)
+        zygote = self.pool.live_zygote(current)
+        if (
+            not self.ready_sent
+            and not self.stopping
+            and zygote is not None
+            and zygote.ready_at is not None
+            and idle >= 1
+        ):
+            # Ready once a worker is: the rest of the reserve is seconds
+            # away at most, and start-up time is what systemd waits on.
             self.ready_sent = True
             self.notifier.ready()
-            log.debug("ready: %d idle workers", idle)
-        live = self.pool.count(WorkerState.IDLE, WorkerState.BUSY, WorkerState.BOOTING)
+            log.info(
+                "tlshd supervisor %d serving handshakes, %.2f s after exec "
+                "(zygote ready in %.2f s; %d spare workers, at most %d)",
+                os.getpid(),
+                process_age_s(),
+                zygote.ready_at - zygote.spawned_at,
+                idle,
+                self.config.pool.max_workers,
+            )
+        live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
         self.notifier.set_status(
-            f"{live} workers ({idle} idle), {self.in_flight()} in flight, "
+            f"{live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
             f"{len(self.queue)} queued, {self.stats.done} done, {self.stats.failed} failed"
         )
         self.notifier.tick(now)
 
     def snapshot(self) -> dict[str, Any]:
-        self.measure_workers()  # status requests are rare; show current sizes
-        now = time.monotonic()
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(now - self.started_at, 3),
-            "generation": self.generation.number,
-            "workers": [self.describe_worker(w, now) for w in self.pool],
-            "in_flight": self.in_flight(),
-            "queued": len(self.queue),
-            "done": self.stats.done,
-            "failed": self.stats.failed,
-            "counters": self.stats.counters(),
-            "latency_ms": self.stats.latency(),
-            "memory": tree_memory(os.getpid()),
-        }
-
-    @staticmethod
-    def describe_worker(worker: WorkerHandle, now: float) -> dict[str, Any]:
-        request = worker.request
-        return {
-            "pid": worker.pid,
-            "state": worker.state.value,
-            "peer": request.peer if request else None,
-            "req": request.req_id if request else None,
-            "phase": worker.phase or None,
-            "age_s": round(now - worker.spawned_at, 3),
-            "rss_bytes": worker.rss_bytes,
-            "handshakes": worker.handshakes,
-            "generation": worker.generation,
-        }
+        return build_status(self)
 
 
-def _hung_up(sock: socket.socket) -> bool:
-    """True once the peer of a SOCK_SEQPACKET socket has closed its end."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
+def process_age_s() -> float:
+    """Seconds since this process was started (exec'd, or forked), from /proc."""
+    try:
+        with open("/proc/self/stat") as stat:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            now = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return now - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_daemon(config_path: str, config: Config, to_stderr: bool) -> int:
+def run_daemon(config_path: str, config: Config) -> int:
     """The daemon's life after the CLI loaded the config; the exit status."""
     from .tlsmodule import ensure_tls_module
 
-    del to_stderr  # logging is already set up by the CLI
     set_title("tlshd: supervisor")
     try:
         credentials = load_credentials(config)
@@ -880,3 +747,6 @@ def run_daemon(config_path: str, config: Config, to_stderr: bool) -> int:
         log.error("cannot start: %s", err)
         return 1
     return arbiter.run()
+
+
+__all__ = ["Arbiter", "HaltServer", "HandshakeParams", "run_daemon"]

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from tlshd import ipc
 from tlshd.log import handshake_logger, log, peer_name
@@ -129,16 +130,15 @@ def handshake_message(request: Request, now: float) -> dict[str, object]:
     }
 
 
-def hand_off(worker_sock: socket.socket, worker_pid: int, request: Request, now: float) -> None:
+def hand_off(worker_sock: socket.socket, worker_name: str, request: Request, now: float) -> None:
     """Send the request and a copy of its fd; raises OSError if the worker's
     socket is full or gone (non-blocking: the supervisor never waits)."""
     ipc.send_message(worker_sock, handshake_message(request, now), (request.sock.fileno(),))
-    request.worker_pid = worker_pid
-    request.log.debug("handed fd %d to worker %d", request.sock.fileno(), worker_pid)
+    request.log.debug("handed fd %d to worker %s", request.sock.fileno(), worker_name)
 
 
 def complete(
-    netlink: object, request: Request, result: HandshakeResult, stats: CompletionStats
+    netlink: Any, request: Request, result: HandshakeResult, stats: CompletionStats
 ) -> None:
     """DONE with the supervisor's fd, close it, count it, log one line."""
     if request.completed:
@@ -146,7 +146,7 @@ def complete(
     request.completed = True
     fd = request.sock.fileno()
     try:
-        netlink.done(fd, result.status, result.remote_auth)  # type: ignore[attr-defined]
+        netlink.done(fd, result.status, result.remote_auth)
     except OSError as err:
         request.log.error("DONE(%s) for fd %d failed: %s", errno_name(result.status), fd, err)
     finally:

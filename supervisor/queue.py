@@ -41,6 +41,7 @@ class Request:
     # supervisor handed out for this request (psk_search, add_cert).
     known_serials: set[int] = field(default_factory=set)
     completed: bool = False
+    handoffs: int = 0  # workers it was handed to (one that died unstarted gives it back)
     # keyservice.RequestScope, made on the worker's first key request
     key_scope: Any = None
     # (client address, server address) of the connection; None if unknown

@@ -14,6 +14,7 @@ before closing.  Forked workers drop their copies with `close_in_child`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
@@ -25,9 +26,12 @@ from typing import Any
 
 from tlshd.log import log
 
+from .memory import tree_memory
+
 MAX_CLIENTS = 8
 CLIENT_TIME_LIMIT_S = 2.0
 MAX_REQUEST_LINE = 256
+ACCEPT_PAUSE_S = 1.0
 
 
 class _Client:
@@ -51,6 +55,7 @@ class StatusServer:
         self._snapshot = snapshot
         self._listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
+        self._paused_until: float | None = None  # accept paused (no descriptors)
 
     def open(self) -> bool:
         """Create the listener; a failure is a warning, never fatal."""
@@ -71,6 +76,11 @@ class StatusServer:
                 return
             except OSError as err:
                 log.warning("status socket accept: %s", err)
+                if err.errno in (errno.EMFILE, errno.ENFILE):
+                    # The connection stays queued and the listener readable:
+                    # stop watching it for a while rather than spin.
+                    self._selector.unregister(self._listener)
+                    self._paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
             if len(self._clients) >= MAX_CLIENTS:
                 sock.close()
@@ -117,6 +127,10 @@ class StatusServer:
         client.sock.close()
 
     def expire_clients(self, now: float) -> None:
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._listener is not None:
+                self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
         for client in list(self._clients.values()):
             if now - client.started > CLIENT_TIME_LIMIT_S:
                 self._drop(client)
@@ -172,3 +186,54 @@ def _remove_stale_socket(path: str) -> None:
         return
     if stat.S_ISSOCK(mode):
         os.unlink(path)
+
+
+# --- the document ---------------------------------------------------------------------
+
+
+def build_status(arbiter: Any) -> dict[str, Any]:
+    """The status document of a supervisor (supervisor/arbiter.py's Arbiter)."""
+    now = time.monotonic()
+    broker = arbiter.broker
+    return {
+        "pid": os.getpid(),
+        "uptime_s": round(now - arbiter.started_at, 3),
+        "generation": arbiter.generation.number,
+        "zygotes": [_describe_zygote(z, now) for z in arbiter.pool.zygotes.values()],
+        "workers": [_describe_worker(w, now) for w in arbiter.pool],
+        "in_flight": broker.in_flight(),
+        "queued": len(broker.queue),
+        "accepting": arbiter.accepting and broker.can_accept(),
+        "limits": {
+            "max_queued": broker.max_queued,
+            "fd_limit": broker.fd_limit,
+            "fds_held": broker.held_fds(),
+        },
+        "done": arbiter.stats.done,
+        "failed": arbiter.stats.failed,
+        "counters": arbiter.stats.counters(),
+        "latency_ms": arbiter.stats.latency(),
+        "memory": tree_memory(os.getpid()),
+    }
+
+
+def _describe_zygote(zygote: Any, now: float) -> dict[str, Any]:
+    return {
+        "pid": zygote.pid,
+        "generation": zygote.generation,
+        "state": "retiring" if zygote.retiring else "ready" if zygote.ready_at else "starting",
+        "age_s": round(now - zygote.spawned_at, 3),
+    }
+
+
+def _describe_worker(worker: Any, now: float) -> dict[str, Any]:
+    request = worker.request
+    return {
+        "pid": worker.pid,
+        "state": worker.state.value,
+        "peer": request.peer if request else None,
+        "req": request.req_id if request else None,
+        "phase": worker.phase or None,
+        "age_s": round(now - worker.requested_at, 3),
+        "generation": worker.generation,
+    }

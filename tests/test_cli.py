@@ -146,14 +146,14 @@ def test_bad_config_exits_1(tmp_path: Path) -> None:
 def test_run_hands_over_to_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "config"
     path.write_text("[debug]\nloglevel=1\n[bogus]\n")
-    calls: list[tuple[str, Config, bool]] = []
+    calls: list[tuple[str, Config]] = []
     fake = types.ModuleType("tlshd.supervisor.arbiter")
-    fake.run_daemon = lambda p, c, s: calls.append((p, c, s)) or 7  # type: ignore[attr-defined]
+    fake.run_daemon = lambda p, c: calls.append((p, c)) or 7  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tlshd.supervisor.arbiter", fake)
     monkeypatch.setattr("tlshd.log.setup_logging", lambda **kw: None)
     assert cli.main(["-s", "-c", str(path)]) == 7
-    ((got_path, config, to_stderr),) = calls
-    assert got_path == str(path) and to_stderr is True
+    ((got_path, config),) = calls
+    assert got_path == str(path)
     assert config.loglevel == 1 and config.warnings
 
 

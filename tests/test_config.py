@@ -231,12 +231,14 @@ def test_unknown_sections_and_keys_warn(tmp_path: Path) -> None:
 def test_our_sections(tmp_path: Path) -> None:
     config = load(
         tmp_path,
-        "[pool]\nmin_workers=1\nmax_workers=4\nmax_handshakes=10\nmax_rss_mib=64\n"
+        "[pool]\nmin_workers=1\nmax_workers=4\nmax_queued=9\nmax_handshakes=10\n"
         "[worker]\nuser=tlshd\ndrop_privileges=false\nhandshake_timeout_ms=2500\n"
         "[status]\nsocket=/tmp/t.sock\n",
     )
     assert (config.pool.min_workers, config.pool.max_workers) == (1, 4)
-    assert (config.pool.max_handshakes, config.pool.max_rss_mib) == (10, 64)
+    assert config.pool.max_queued == 9
+    (obsolete,) = [w for w in config.warnings if w.key == ConfigKey("pool", "max_handshakes")]
+    assert "obsolete" in obsolete.message
     assert config.worker.user == "tlshd"
     assert config.worker.drop_privileges is False
     assert config.worker.handshake_timeout_ms == 2500
@@ -306,7 +308,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         ("[main]\ntlsdebug=1x\n", "[main] tlsdebug: '1x' is not an integer"),
         ("[pool]\nmin_workers=0\n", "[pool] min_workers: 0 is out of range (1..1024)"),
         ("[pool]\nmin_workers=5\nmax_workers=4\n", "[pool] min_workers (5) is greater than"),
-        ("[pool]\nmax_rss_mib=1\n", "[pool] max_rss_mib: 1 is out of range"),
+        ("[pool]\nmax_queued=0\n", "[pool] max_queued: 0 is out of range"),
         ("[worker]\nhandshake_timeout_ms=99\n", "out of range (100..60000)"),
         ("[worker]\nhandshake_timeout_ms=60001\n", "out of range (100..60000)"),
         ("[worker]\ndrop_privileges=maybe\n", "[worker] drop_privileges: 'maybe' is not true"),

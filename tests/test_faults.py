@@ -35,7 +35,12 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def busy(doc: dict) -> list[dict]:  # type: ignore[type-arg]
-    return [w for w in doc["workers"] if w["state"] == "busy"]
+    """Workers that started their handshake (holding the socket, pid known)."""
+    return [
+        w
+        for w in doc["workers"]
+        if w["state"] == "busy" and w["pid"] and w["phase"] not in (None, "handoff")
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,19 @@ import psutil
 import pytest
 
 from tests.fakekernel import FakeKernel
-from tests.helpers.daemon import config_text, running_daemon, short_tmpdir
-from tests.helpers.engines import Peer, gated_engine, hoarding_engine
+from tests.helpers.daemon import config_text, recv_exactly, running_daemon, short_tmpdir
+from tests.helpers.engines import Peer, gated_engine, pid_engine
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def busy(doc: dict) -> list[dict]:  # type: ignore[type-arg]
-    return [w for w in doc["workers"] if w["state"] == "busy"]
+    """Workers that started their handshake (holding the socket, pid known)."""
+    return [
+        w
+        for w in doc["workers"]
+        if w["state"] == "busy" and w["pid"] and w["phase"] not in (None, "handoff")
+    ]
 
 
 def test_accept_handoff_done_with_supervisor_fd(kernel: FakeKernel) -> None:
@@ -83,14 +88,19 @@ def test_pool_grows_to_max_and_serves_queue_in_deadline_order(kernel: FakeKernel
 def test_worker_killed_mid_handshake_gets_eio_at_once(kernel: FakeKernel) -> None:
     with running_daemon(kernel, gated_engine) as daemon:
         peer = Peer(kernel, timeout_ms=60000)
-        doc = daemon.wait_for(lambda d: len(busy(d)) == 1, what="busy worker")
+        # Started (its phase reported): one killed before that is handed on.
+        doc = daemon.wait_for(
+            lambda d: [w["phase"] for w in busy(d)] == ["clienthello"], what="busy worker"
+        )
         victim = busy(doc)[0]["pid"]
         started = time.monotonic()
         psutil.Process(victim).kill()
         assert peer.request.wait_done(10) == (errno.EIO, ())
         assert time.monotonic() - started < 10  # the deadline was ~59 s away
         daemon.wait_for(
-            lambda d: any(w["state"] == "idle" and w["pid"] != victim for w in d["workers"]),
+            lambda d: any(
+                w["state"] == "idle" and w["pid"] and w["pid"] != victim for w in d["workers"]
+            ),
             what="replacement worker",
         )
         assert "died during the handshake" in daemon.log()
@@ -110,7 +120,7 @@ def test_stopped_worker_times_out_and_is_replaced(kernel: FakeKernel) -> None:
         daemon.wait_for(
             lambda d: (
                 victim not in {w["pid"] for w in d["workers"]}
-                and any(w["state"] == "idle" for w in d["workers"])
+                and any(w["state"] == "idle" and w["pid"] for w in d["workers"])
             ),
             what="stopped worker replaced",
         )
@@ -231,7 +241,7 @@ def test_run_daemon_on_a_kernel_without_the_family(caplog: pytest.LogCaptureFixt
     propagate, log.propagate = log.propagate, True
     try:
         with caplog.at_level("INFO", logger="tlshd"):
-            assert run_daemon(str(path), load_config(str(path)), False) == 1
+            assert run_daemon(str(path), load_config(str(path))) == 1
     finally:
         log.propagate = propagate
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -249,30 +259,23 @@ def test_sigint_fails_in_flight_at_once(kernel: FakeKernel) -> None:
         assert "abandoning the handshake" in daemon.log()
 
 
-@pytest.mark.parametrize(
-    ("pool_extra", "expected_log", "engine"),
-    [
-        ("max_handshakes=2\n", "served 2 handshakes; recycling it", gated_engine),
-        ("max_rss_mib=32\n", "MiB; recycling it", hoarding_engine),
-    ],
-)
-def test_worker_recycling(kernel: FakeKernel, pool_extra: str, expected_log: str, engine) -> None:  # type: ignore[no-untyped-def]
+def test_no_process_serves_two_requests(kernel: FakeKernel) -> None:
+    """Single-use workers: every request is served by a process of its own,
+    and that process is gone after its DONE."""
     directory = short_tmpdir()
-    text = config_text(directory / "status.sock", min_workers=1, max_workers=1)
-    text = text.replace("[worker]", pool_extra + "[worker]")
-    with running_daemon(kernel, engine, config=text, directory=directory) as daemon:
-        first = daemon.status()["workers"][0]["pid"]
-        for _ in range(2):
+    text = config_text(directory / "status.sock", min_workers=1, max_workers=2)
+    with running_daemon(kernel, pid_engine, config=text, directory=directory) as daemon:
+        served: list[int] = []
+        for _ in range(6):
             peer = Peer(kernel)
-            assert peer.release() == b"4000\n"
+            peer.client.sendall(b"g")
+            served.append(int(recv_exactly(peer.client, 8)))
             assert peer.request.wait_done(10)[0] == 0
-        daemon.wait_for_log(expected_log)
+            peer.close()
+        assert len(set(served)) == len(served), served
         daemon.wait_for(
-            lambda d: (
-                [w["state"] for w in d["workers"]] == ["idle"] and d["workers"][0]["pid"] != first
-            ),
-            what="a fresh worker",
+            lambda d: not {w["pid"] for w in d["workers"]} & set(served),
+            what="served workers gone",
         )
-        peer = Peer(kernel)
-        assert peer.release() == b"4000\n"
-        assert peer.request.wait_done(10)[0] == 0
+        for pid in served:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"

@@ -50,9 +50,10 @@ def test_junk_kills_worker_and_fails_request(module_kernel: FakeKernel, daemon, 
     peer = Peer(module_kernel, peername=kind, timeout_ms=60000)
     peer.request.wait_accepted(10)
     doc = daemon.wait_for(
-        lambda d: any(w["peer"] for w in d["workers"]) or d["done"], what="request handed out"
+        lambda d: any(w["peer"] and w["pid"] for w in d["workers"]) or d["done"],
+        what="request handed out",
     )
-    pids = {w["pid"] for w in doc["workers"] if w["peer"]}
+    pids = {w["pid"] for w in doc["workers"] if w["peer"] and w["pid"]}
     started = time.monotonic()
     assert peer.request.wait_done(15) == (errno.EIO, ())
     assert time.monotonic() - started < 15  # not the 60 s deadline

@@ -22,9 +22,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs 
 
 def idle_worker(daemon) -> int:  # type: ignore[no-untyped-def]
     doc = daemon.wait_for(
-        lambda d: any(w["state"] == "idle" for w in d["workers"]), what="idle worker"
+        lambda d: any(w["state"] == "idle" and w["pid"] for w in d["workers"]), what="idle worker"
     )
-    return next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
+    return next(w["pid"] for w in doc["workers"] if w["state"] == "idle" and w["pid"])
 
 
 def process_title(pid: int) -> str:
@@ -97,7 +97,13 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
         assert process_title(daemon.pid).startswith("tlshd: supervisor")
         # Two requests in flight: each worker holds exactly its channel and its own socket.
         peers = [Peer(kernel), Peer(kernel)]
-        doc = daemon.wait_for(lambda d: d["in_flight"] == 2, what="two in flight")
+        # Busy from the hand-off on; the phase shows the worker holds its socket.
+        doc = daemon.wait_for(
+            lambda d: (
+                [w["phase"] for w in d["workers"] if w["state"] == "busy"] == ["clienthello"] * 2
+            ),
+            what="two in flight",
+        )
         daemon.wait_for(lambda d: d["queued"] == 0, what="queue empty")
         for worker in doc["workers"]:
             if worker["state"] != "busy":
@@ -108,9 +114,10 @@ def test_worker_keeps_only_its_channel_and_titles(kernel: FakeKernel) -> None:
             assert title.endswith("clienthello"), title
         # A worker forked while two accepted sockets are open inherits neither.
         doc = daemon.wait_for(
-            lambda d: any(w["state"] == "idle" for w in d["workers"]), what="spare worker"
+            lambda d: any(w["state"] == "idle" and w["pid"] for w in d["workers"]),
+            what="spare worker",
         )
-        spare = next(w["pid"] for w in doc["workers"] if w["state"] == "idle")
+        spare = next(w["pid"] for w in doc["workers"] if w["state"] == "idle" and w["pid"])
         assert len(socket_fds(spare)) == 1, socket_fds(spare)
         assert wait_for_title(spare, "tlshd: worker idle").startswith("tlshd: worker idle")
         for peer in peers:

@@ -2,8 +2,8 @@
 
 After the drop the Python installation may be unreadable to the worker's
 account (a pyenv under /root, mode 0700), so a lazy import fails there.  In
-a fresh interpreter that has imported only what the supervisor imports before
-forking, imports are then blocked and the paths that used to import lazily
+a fresh interpreter that has imported only what the zygote imports before
+its privilege drop, imports are then blocked and the paths that used to import lazily
 are run: a non-ASCII PEERNAME (the `idna` codec) and a sealed alert.
 """
 
@@ -18,9 +18,11 @@ SCRIPT = textwrap.dedent(
     import sys
     from tlshd.openssl_conf import ensure_openssl_conf
     ensure_openssl_conf()
-    # what the supervisor has loaded when it forks a worker
-    from tlshd.supervisor import arbiter
-    arbiter._default_engine()
+    # what the zygote has loaded when it drops privileges (workers/zygote.py)
+    from tlshd.workers import zygote
+    from tlshd.workers.engine import perform_handshake
+    from tlshd.workers import base, seccomp
+    zygote.warm_up_tls()
 
     class NoImports:
         @staticmethod

@@ -183,7 +183,7 @@ def run_main(config_arg: str | None, to_stderr: bool) -> int:
     except ImportError as err:
         log.error("cannot start the supervisor: %s", err)
         return 1
-    return run_daemon(path, config, to_stderr)
+    return run_daemon(path, config)
 
 
 def _warn_if_tickets_enabled() -> None:

@@ -32,6 +32,7 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -161,12 +162,15 @@ def parse_crls(data: bytes, path: str, label: ConfigKey) -> list[x509.Certificat
 
 
 def _spki(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
+    # Any public key type of cryptography's has public_bytes; object keeps the callers simple.
+    der: bytes = key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return der
 
 
 def key_matches_certificate(key: object, cert: x509.Certificate) -> bool:
+    # `key` is any private key type of cryptography's; each has public_key().
     return _spki(key.public_key()) == _spki(cert.public_key())  # type: ignore[attr-defined]
 
 
@@ -201,7 +205,7 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
             raise CredentialsError(
                 rc.private_key, label, f"does not match the certificate in {rc.certificate}"
             )
-        key_pem = key.private_bytes(  # type: ignore[attr-defined]
+        key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -217,7 +221,7 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
     return RoleCredentials(chain_pem, key_pem, trust_pem, crl_pem)
 
 
-def _warn_if_key_exposed(path: str, label: str) -> None:
+def _warn_if_key_exposed(path: str, label: ConfigKey) -> None:
     """Said at every start and reload, not only by --check-config."""
     problem = key_exposure(path)
     if problem:
@@ -284,11 +288,11 @@ def check_credentials(config: Config) -> list[Finding]:
 def _check_role(out: _Findings, config: Config, role: str) -> None:
     rc = config.role(role)
     cfg = config.path or "<config>"
-    for key in ("x509.pq.certificate", "x509.pq.private_key"):
-        if getattr(rc, key.replace("x509.", "").replace(".", "_")):
+    for pq_key in ("x509.pq.certificate", "x509.pq.private_key"):
+        if getattr(rc, pq_key.replace("x509.", "").replace(".", "_")):
             out.warning(
                 cfg,
-                key_label(role, key),
+                key_label(role, pq_key),
                 "not supported by this implementation (OpenSSL from the cryptography "
                 "wheel); the classic x509.certificate is used",
             )
@@ -322,8 +326,8 @@ def _check_file(
     role: str,
     key: str,
     path: str | None,
-    parse: Callable[[bytes, str, ConfigKey], list],
-) -> list:
+    parse: Callable[[bytes, str, ConfigKey], list[Any]],
+) -> list[Any]:
     if not path:
         return []
     label = key_label(role, key)
@@ -481,6 +485,7 @@ def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) ->
     if ca.subject != crl.issuer:
         return False
     try:
+        # A CA key type CRLs cannot be signed with (X25519...) raises TypeError below.
         return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     except (TypeError, ValueError, UnsupportedAlgorithm):
         return False

@@ -94,7 +94,7 @@ def set_debug(debug: bool) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-class HandshakeLogAdapter(logging.LoggerAdapter):
+class HandshakeLogAdapter(logging.LoggerAdapter[logging.Logger]):
     """Prefixes each message with `req=<id> peer=<peer>`."""
 
     def process(

@@ -300,6 +300,7 @@ def _probe_tickets() -> int:
     written_nsts = [0]
 
     @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
+    # A cffi callback: its types are the C signature given to ffi.callback.
     def count_nst(write_p, _version, content_type, buf, length, _ssl, _arg):  # type: ignore[no-untyped-def]
         # content type 22 = handshake; message type 4 = NewSessionTicket
         if write_p and content_type == 22 and length and ffi.cast("unsigned char *", buf)[0] == 4:

@@ -10,8 +10,6 @@ middle of a handshake.
 
 from __future__ import annotations
 
-from importlib import metadata
-
 # Every `lib.<name>` the engine (tlshd.workers.*) touches.  Keep in sync with the
 # code: tests/test_engine_selfcheck.py greps the workers for lib.* uses.
 REQUIRED_BINDINGS: tuple[str, ...] = (
@@ -45,6 +43,9 @@ def check_bindings() -> list[str]:
 
 
 def _version(dist: str) -> str:
+    # Only on the error path: importlib.metadata costs start-up time.
+    from importlib import metadata
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

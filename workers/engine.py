@@ -31,10 +31,10 @@ from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY
 
 from tlshd.config import Config
 from tlshd.credentials import Credentials, RoleCredentials
-from tlshd.ipc import MAX_REMOTE_AUTH, X509_SERVER_PEER_ID
+from tlshd.ipc import X509_SERVER_PEER_ID
 from tlshd.keys import KeyMaterial, KeyService, KeyServiceError
 from tlshd.params import HandshakeParams, HandshakeResult
-from tlshd.uapi import IPPROTO_TCP, AuthMode, MsgType
+from tlshd.uapi import IPPROTO_TCP, MAX_REMOTE_AUTH, AuthMode, MsgType
 
 # Everything the engine uses is imported at module level, in the supervisor,
 # before a worker forks and drops privileges: afterwards the Python installation
@@ -54,7 +54,7 @@ class HandshakeContext:
     credentials: Credentials
     keys: KeyService
     deadline: float  # time.monotonic() value
-    log: logging.LoggerAdapter
+    log: logging.LoggerAdapter[logging.Logger]
     set_phase: Callable[[str], None] = lambda _phase: None
     install_ktls: Callable[[socket.socket, bytes, bytes], None] = ktls.install_ktls
 
@@ -81,7 +81,7 @@ class _Request:
     remote_auth: tuple[int, ...] = ()
 
     @property
-    def log(self) -> logging.LoggerAdapter:
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
         return self.ctx.log
 
 
@@ -547,6 +547,8 @@ def _traffic_keys(req: _Request) -> tuple[ktls.SuiteInfo, bytes, bytes]:
     assert conn is not None
     suite = ktls.suite_info(conn.get_cipher_name() or "")
     client_random = conn.client_random()
+    if client_random is None:
+        raise ktls.KtlsError("no client random after the handshake")
     client = req.state.traffic_secret("CLIENT_TRAFFIC_SECRET_0", client_random)
     server = req.state.traffic_secret("SERVER_TRAFFIC_SECRET_0", client_random)
     if client is None or server is None:

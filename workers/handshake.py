@@ -6,9 +6,9 @@ the supervisor keeps its copy and sends DONE.  The socket's flags are never
 changed: `socket.socket(fileno=...)` leaves O_NONBLOCK as the kernel consumer
 set it.
 
-Everything a worker runs is imported here, in the supervisor, before fork:
-after the privilege drop a worker may not be able to read the Python
-installation (and each lazy import would cost every worker again).
+Everything a worker runs is imported in the zygote, before its privilege
+drop (workers/zygote.py): afterwards a worker may not be able to read the
+Python installation, and each lazy import would cost every worker again.
 
 Keys: a worker has no privilege to read kernel keys, so `IpcKeyService` asks
 the supervisor over the worker's channel and waits (bounded by the handshake
@@ -157,7 +157,8 @@ class HandshakeJob:
                 set_phase=self.set_phase,
                 install_ktls=self._install_ktls(),
             )
-            result = self.engine(sock, self.params, ctx)
+            # object: a fake or broken engine may return anything (checked below).
+            result: object = self.engine(sock, self.params, ctx)
         except Exception:
             # The engine contract says it never raises; fail closed if it does.
             self.log.exception("handshake engine raised")

@@ -91,6 +91,11 @@ class SeccompError(OSError):
     """The filter could not be built or loaded; the worker must not run."""
 
 
+def load_error() -> str | None:
+    """Why the filter cannot be installed here (libseccomp missing), or None."""
+    return _LOAD_ERROR
+
+
 def install_worker_filter() -> None:
     """Confine this process (see the module docstring); raises SeccompError."""
     if seccomp is None:

@@ -111,6 +111,7 @@ def _install_msg_callback(ctx: SSL.Context, state: TlsState) -> None:
     alerts; keep the first ClientHello received."""
 
     @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
+    # A cffi callback: its types are the C signature given to ffi.callback.
     def on_message(write_p, _version, content_type, buf, length, _ssl, _arg):  # type: ignore[no-untyped-def]
         if length == 0:
             return
@@ -142,6 +143,7 @@ def install_servername_callback(
     """
 
     @ffi.callback("int(SSL *, int *, void *)")
+    # A cffi callback: its types are the C signature given to ffi.callback.
     def on_servername(_ssl, alert, _arg):  # type: ignore[no-untyped-def]
         description = decide_alert()
         if description is None:
@@ -242,7 +244,7 @@ def _load_crls(pem: bytes) -> tuple[x509.CertificateRevocationList, ...]:
 
 
 def verify_error_string(code: int) -> str:
-    return ffi.string(lib.X509_verify_cert_error_string(code)).decode(errors="replace")
+    return str(ffi.string(lib.X509_verify_cert_error_string(code)).decode(errors="replace"))
 
 
 def set_verify_client_role(ctx: SSL.Context, state: TlsState) -> None:

@@ -112,7 +112,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         document = fetch_status(str(self.status_path))
-        self.worker_pids_seen.update(w["pid"] for w in document["workers"])
+        self.worker_pids_seen.update(w["pid"] for w in document["workers"] if w["pid"])
         return document
 
     def wait_for(
@@ -190,8 +190,10 @@ def start_daemon(
     environ: dict[str, str] | None = None,
     wait_ready: bool = True,
     credentials: Credentials | None = None,
+    in_child: Callable[[], None] | None = None,
     **arbiter_kwargs: Any,
 ) -> Daemon:
+    """Fork a daemon; `in_child` runs in it before the Arbiter is built."""
     directory = directory or short_tmpdir()
     status_path = directory / "status.sock"
     config_path = directory / "tlshd.conf"
@@ -211,6 +213,8 @@ def start_daemon(
             _child_logging(log_path)
             os.environ.pop("NOTIFY_SOCKET", None)
             os.environ.update(environ or {})
+            if in_child is not None:
+                in_child()
             from tlshd.supervisor.arbiter import Arbiter
 
             arbiter = Arbiter(
@@ -234,7 +238,10 @@ def start_daemon(
             kernel.wait_for_listener(WAIT_S)
             min_workers = loaded.pool.min_workers
             daemon.wait_for(
-                lambda d: sum(w["state"] == "idle" for w in d["workers"]) >= min_workers,
+                lambda d: (
+                    sum(w["state"] == "idle" and bool(w["pid"]) for w in d["workers"])
+                    >= min_workers
+                ),
                 what="min workers idle",
             )
         except BaseException:

@@ -33,6 +33,19 @@ def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hand
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
 
 
+def pid_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Waits for one byte from the peer, then answers with the serving
+    process's pid (8 digits), so a test can tell which process served it."""
+    remaining = ctx.deadline - time.monotonic()
+    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
+    if not sock.recv(1):
+        return HandshakeResult(status=errno.ECONNRESET)
+    sock.sendall(f"{os.getpid():08d}".encode())
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE-CIPHER")
+
+
 def _send(channel: socket.socket, message: dict[str, Any]) -> None:
     channel.send(json.dumps(message).encode())
 
@@ -145,15 +158,6 @@ def fake_ktls(sock: socket.socket, ctx: Any) -> None:
     ctx.install_ktls(sock, FAKE_CRYPTO_INFO, FAKE_CRYPTO_INFO)
 
 
-_HOARD: list[bytearray] = []
-
-
-def hoarding_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
-    """gated_engine that also keeps 48 MiB of touched memory (a leaky worker)."""
-    _HOARD.append(bytearray(b"\x01" * (48 << 20)))
-    return gated_engine(sock, params, ctx)
-
-
 def verified_client_cert_engine(
     sock: socket.socket, params: HandshakeParams, ctx: Any
 ) -> HandshakeResult:
@@ -185,3 +189,79 @@ def channel_closing_engine(
     ctx.keys._channel.close()
     time.sleep(60)
     return HandshakeResult(status=0)
+
+
+def deadline_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Answers with the seconds left until its deadline (`%06.3f`)."""
+    sock.sendall(f"{ctx.deadline - time.monotonic():06.3f}".encode())
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE")
+
+
+def pair_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Like a handshake, needs both ends of the connection: each half sends
+    one byte and waits for the other half's, so a half whose peer never gets
+    a worker times out."""
+    sock.sendall(b"x")
+    remaining = ctx.deadline - time.monotonic()
+    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+        return HandshakeResult(status=errno.ETIMEDOUT, detail="the other half never came")
+    if sock.recv(1) != b"x":
+        return HandshakeResult(status=errno.ECONNRESET)
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE")
+
+
+class RandomKeyService:
+    """Answers key_read with fresh random material each time (made in the
+    supervisor at reply time, so no other process had it before)."""
+
+    def answer(self, scope: Any, request: Any) -> Any:
+        import secrets
+
+        from tlshd.ipc import KeyReply
+
+        if request.op != "key_read" or request.serial not in scope.allowed_serials:
+            return KeyReply.failure(errno.EACCES, request.serial)
+        return KeyReply(True, 0, request.serial, "d", secrets.token_hex(24).encode())
+
+
+def residue_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Sends the serving process's pid (8 digits) and waits for one byte, so
+    the test can scan this process's memory (`memory_holds`) while it lives.
+    With a cert serial it first reads that key through the supervisor and
+    sends it to the peer (2-byte length, payload)."""
+    if params.cert_serial:
+        payload = ctx.keys.read_key(params.cert_serial).payload
+        sock.sendall(len(payload).to_bytes(2, "big") + payload)
+    sock.sendall(f"{os.getpid():08d}".encode())
+    recv_exactly(sock, 1, timeout=60)
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE")
+
+
+def memory_holds(pid: int, head: bytes, tail: bytes) -> bool:
+    """Whether process `pid`'s readable memory holds head + tail contiguously.
+
+    Read from outside, by the (root) test: a worker is not dumpable after its
+    setuid and its seccomp filter denies prctl, so it cannot read its own
+    /proc/self/mem.  The halves are compared piecewise, so the scan never
+    builds the whole secret in the scanning process itself."""
+    with open(f"/proc/{pid}/maps") as maps:
+        regions = [line.split() for line in maps]
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for fields in regions:
+            if not fields[1].startswith("r") or (len(fields) > 5 and fields[5] == "[vvar]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            at = chunk.find(head)
+            while at >= 0:
+                if chunk[at + len(head) : at + len(head) + len(tail)] == tail:
+                    return True
+                at = chunk.find(head, at + 1)
+    return False

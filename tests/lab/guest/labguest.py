@@ -65,13 +65,16 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------- PKI
 
 
-def make_pki(pki: Path = PKI) -> Path:
-    """ECDSA P-256 CA, server cert (SAN localhost + 127.0.0.1..32), client cert."""
+def make_pki(pki: Path = PKI, ip_sans: list[str] | None = None) -> Path:
+    """ECDSA P-256 CA, server cert, client cert: the one PKI builder of the lab
+    and the benchmark.  The server's SAN is localhost, tlshd-lab and `ip_sans`
+    (default 127.0.0.1 .. 127.0.0.32)."""
     pki.mkdir(parents=True, exist_ok=True)
     if (pki / "client.pem").exists():
         return pki
-    sans = ",".join(["DNS:localhost", "DNS:tlshd-lab"] + [f"IP:127.0.0.{i}" for i in
-                                                           range(1, SAN_IPS + 1)])  # fmt: skip
+    if ip_sans is None:
+        ip_sans = [f"127.0.0.{i}" for i in range(1, SAN_IPS + 1)]
+    sans = ",".join(["DNS:localhost", "DNS:tlshd-lab"] + [f"IP:{a}" for a in ip_sans])
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     sh(["openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "30",
         "-subj", "/CN=tlshd lab CA", "-addext", "basicConstraints=critical,CA:TRUE",
@@ -93,10 +96,10 @@ def make_pki(pki: Path = PKI) -> Path:
     return pki
 
 
-def write_config(pki: Path = PKI, extra: str = "") -> Path:
+def write_config(pki: Path = PKI, extra: str = "", loglevel: int = 1) -> Path:
     """Upstream-format /etc/tlshd/config, used by both daemons."""
     CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    text = "[debug]\nloglevel=1\ntls=0\nnl=0\n\n"
+    text = f"[debug]\nloglevel={loglevel}\ntls=0\nnl=0\n\n"
     for side in ("client", "server"):
         text += (
             f"[authenticate.{side}]\n"
@@ -286,38 +289,57 @@ def read_trace_since(mark: str) -> list[dict]:
     return []
 
 
-def handshakes(events: list[dict] | None = None, since: str | None = None) -> list[dict]:
-    """One record per handshake request: role (server if submitted by nfsd), status.
+def fold_requests(events: list[dict]) -> list[dict]:
+    """The one trace folder: one record per handshake request, in submit order.
 
-    ``since`` restricts to events after the trace marker containing that text.
-    """
-    if events is None:
-        events = read_trace_since(since) if since is not None else read_trace()
-    reqs: dict[str, dict] = {}  # req pointer -> its latest record
+    A record starts at `handshake_submit` (or `_submit_err`), or at the first
+    event of a request address not seen before: the kernel frees a request at
+    completion and may reuse its address for the next one, so an address is
+    not an identity.  Fields: req, events, role (server if nfsd submitted it),
+    submit_comm, t_submit, t_accept, t_done, done_fd, t_complete, status,
+    cancel_events, t_cancel, errors, latency (submit -> complete).  Requests
+    whose submit is not in `events`, and failed submissions, are left out."""
+    reqs: dict[str, dict] = {}  # request address -> its latest record
     records: list[dict] = []
     for e in events:
         req = e["fields"].get("req")
-        if not req or not e["event"].startswith("handshake_") or not req.strip("0"):
+        ev = e["event"]
+        if not req or not ev.startswith("handshake_") or not req.strip("0"):
             continue  # accept errors carry req=0
-        if e["event"] in ("handshake_submit", "handshake_submit_err") or req not in reqs:
-            reqs[req] = {"req": req, "events": []}  # the kernel reuses freed req pointers
+        if ev in ("handshake_submit", "handshake_submit_err") or req not in reqs:
+            reqs[req] = {"req": req, "events": []}
             records.append(reqs[req])
         r = reqs[req]
-        r["events"].append(e["event"])
-        if e["event"] == "handshake_submit":
+        r["events"].append(ev)
+        if ev == "handshake_submit":
             r["submit_comm"] = e["comm"]
             r["role"] = "server" if e["comm"].startswith("nfsd") else "client"
             r["t_submit"] = e["ts"]
-        elif e["event"] == "handshake_complete":
+        elif ev == "handshake_cmd_accept":
+            r["t_accept"] = e["ts"]
+        elif ev == "handshake_cmd_done":
+            r["t_done"] = e["ts"]
+            r["done_fd"] = e["fields"].get("fd")
+        elif ev == "handshake_complete":
             r["status"] = int(e["fields"].get("status", "0"))
             r["t_complete"] = e["ts"]
-        elif e["event"] == "handshake_cmd_done":
-            r["done_fd"] = e["fields"].get("fd")
+        elif ev in ("handshake_cancel", "handshake_cancel_busy", "handshake_cancel_none"):
+            r.setdefault("cancel_events", []).append(ev)
+            r.setdefault("t_cancel", e["ts"])
+        elif ev.endswith("_err"):
+            r.setdefault("errors", []).append(f"{ev} {e['text']}")
     for r in records:
         if "t_submit" in r and "t_complete" in r:
-            r["latency"] = round(r["t_complete"] - r["t_submit"], 3)
-    # requests submitted before the marker, and failed submissions, are left out
+            r["latency"] = round(r["t_complete"] - r["t_submit"], 4)
     return [r for r in records if "t_submit" in r]
+
+
+def handshakes(events: list[dict] | None = None, since: str | None = None) -> list[dict]:
+    """`fold_requests` of the trace; ``since`` keeps the events after the
+    trace marker containing that text."""
+    if events is None:
+        events = read_trace_since(since) if since is not None else read_trace()
+    return fold_requests(events)
 
 
 def tls_stat() -> dict[str, int]:

@@ -1,0 +1,401 @@
+"""The zygote: a warm, unprivileged template that forks single-use workers.
+
+The supervisor forks one zygote per configuration generation (and forks a new
+one to replace a dead one); it never forks a worker itself.  The pattern is
+CPython's multiprocessing.forkserver: preload, then one loop that forks on
+request, reports each child's pid at once and its exit status later, and
+exits when the supervisor is gone.
+
+`Zygote.init_process` runs in the child of the supervisor and, in order:
+  1. resets the supervisor's signal handling and closes every inherited
+     descriptor except its channel and the log's (the supervisor's netlink and
+     status sockets, other zygotes' channels, accepted sockets of requests);
+  2. imports the TLS engine and warms it with one complete TLS 1.3 handshake
+     over memory BIOs, still as root: the lazy initialisation of OpenSSL
+     (providers, EC groups, the DRBG, cipher fetches) and every lazy Python
+     import then happens once here instead of in every worker, and nothing is
+     left to load after the privilege drop;
+  3. drops privileges (workers/privileges.py), exiting with WORKER_BOOT_ERROR
+     if it cannot: respawning could never help;
+  4. gc.freeze()s the warm heap, so no collection in a worker walks (and
+     copies, page by page) the template's objects;
+  5. says `zygote_ready` and serves `fork` requests until EOF.
+
+Channels.  For each worker the supervisor makes a fresh SOCK_SEQPACKET
+socketpair, keeps one end and sends the other with `fork` (SCM_RIGHTS).  The
+zygote forks, the child keeps that end as its only channel, and the zygote
+closes its copy at once, so the worker's end is held by the worker alone:
+EOF on the supervisor's end means the worker is gone.  The zygote answers
+`forked` with the pid and a pidfd of the child (opened before the child can
+be reaped, so it cannot name a reused pid): the supervisor signals workers
+through it.  It reports `exited` with the wait status when it reaps one.
+
+Workers are the zygote's children, not the supervisor's; the supervisor is a
+child subreaper, so if the zygote dies its workers are reparented to, and
+reaped by, the supervisor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tlshd.workers import WORKER_BOOT_ERROR
+
+from tlshd import ipc
+from tlshd.log import log
+from tlshd.params import Engine
+from tlshd.proctitle import set_title
+
+# Messages on the zygote's channel.
+FORK_OPS = frozenset({"fork"})
+ZYGOTE_OPS = frozenset({"zygote_ready", "forked", "fork_failed", "exited"})
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM)
+
+
+class Zygote:
+    def __init__(
+        self,
+        channel: socket.socket,
+        generation: Any,
+        engine: Engine | None,
+        close_inherited: Callable[[], None] = lambda: None,
+        install_ktls: Callable[..., None] | None = None,
+    ) -> None:
+        """Runs in the supervisor before fork: only records what the child needs."""
+        self.channel = channel
+        self.generation = generation
+        self.engine = engine
+        self.close_inherited = close_inherited
+        self.install_ktls = install_ktls
+        self._wake_r = self._wake_w = -1
+
+    # --- start-up (in the forked child) ------------------------------------------
+
+    def init_process(self) -> None:
+        """Runs in the child; ends the process and never returns."""
+        reset_signals()
+        self.close_inherited()
+        close_fds_except({self.channel.fileno()})
+        set_title(f"tlshd: zygote {self.generation.number}")
+        with contextlib.suppress(OSError):  # back to normal priority from the supervisor's
+            os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
+        warm_engine = self.engine is None
+        if self.engine is None:
+            from tlshd.workers.engine import perform_handshake
+
+            self.engine = perform_handshake
+        # Imported before the privilege drop: workers cannot read the installation.
+        from tlshd.workers import base, seccomp  # noqa: F401
+
+        warm_up_tls()
+        if warm_engine and not warm_up_engine(self.engine, self.generation):
+            log.debug("zygote %d: the engine warm-up did not complete", os.getpid())
+        config = self.generation.config
+        from tlshd.workers.privileges import PrivilegeError, drop_privileges
+
+        try:
+            drop_privileges(config.worker.user, config.worker.drop_privileges)
+        except (PrivilegeError, OSError) as err:
+            log.error("zygote %d cannot drop privileges: %s", os.getpid(), err)
+            os._exit(WORKER_BOOT_ERROR)
+        # Every worker confines itself with seccomp before it touches peer data
+        # (workers/base.py); a missing libseccomp is a start-up error, said once.
+        if seccomp.load_error() is not None:
+            log.error("zygote %d: %s", os.getpid(), seccomp.load_error())
+            os._exit(WORKER_BOOT_ERROR)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+        gc.freeze()
+        self.channel.setblocking(True)
+        ipc.send_message(
+            self.channel,
+            {"op": "zygote_ready", "pid": os.getpid(), "generation": self.generation.number},
+        )
+        self.run()
+        os._exit(0)
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Fork on request, report exits; return when the supervisor is gone."""
+        poller = select.poll()
+        poller.register(self.channel, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            try:
+                events = dict(poller.poll())
+            except InterruptedError:
+                events = {}
+            if self._wake_r in events:
+                _drain(self._wake_r)
+            self.report_exits()
+            if self.channel.fileno() in events and not self.serve_one():
+                return
+
+    def serve_one(self) -> bool:
+        try:
+            message, fds = ipc.recv_message(self.channel, FORK_OPS)
+        except ConnectionError:
+            return False
+        except (ipc.IpcError, OSError) as err:
+            log.error("zygote %d: bad message from the supervisor: %s", os.getpid(), err)
+            return False
+        if message is None:
+            return False  # EOF: the supervisor is gone, or retired this generation
+        token = message.get("token")
+        if len(fds) != 1 or type(token) is not int:
+            for fd in fds:
+                os.close(fd)
+            log.error("zygote %d: malformed fork request", os.getpid())
+            return False
+        self.fork_worker(token, fds[0])
+        return True
+
+    def fork_worker(self, token: int, channel_fd: int) -> None:
+        try:
+            pid = os.fork()
+        except OSError as err:
+            os.close(channel_fd)
+            with contextlib.suppress(OSError):
+                ipc.send_message(
+                    self.channel, {"op": "fork_failed", "token": token, "errno": err.errno or 0}
+                )
+            return
+        if pid == 0:  # pragma: no cover - the worker
+            self._become_worker(channel_fd)
+        os.close(channel_fd)
+        pidfd = _pidfd_open(pid)
+        try:
+            ipc.send_message(
+                self.channel,
+                {"op": "forked", "token": token, "pid": pid},
+                (pidfd,) if pidfd >= 0 else (),
+            )
+        except OSError:
+            pass  # the supervisor is gone: the loop sees EOF next
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def _become_worker(self, channel_fd: int) -> None:  # pragma: no cover - in the child
+        code = WORKER_BOOT_ERROR
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self.channel.close()
+            from tlshd.workers.base import Worker
+
+            assert self.engine is not None
+            worker = Worker(
+                socket.socket(fileno=channel_fd), self.generation, self.engine, self.install_ktls
+            )
+            code = worker.run()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                log.exception("worker %d crashed", os.getpid())
+            code = 1
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+            os._exit(code)
+
+    def report_exits(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            with contextlib.suppress(OSError):
+                ipc.send_message(self.channel, {"op": "exited", "pid": pid, "status": status})
+
+
+# --- helpers shared with the worker --------------------------------------------------
+
+
+def reset_signals() -> None:
+    """Drop the supervisor's handlers (its wake-up fd is not ours).  INT, HUP,
+    USR1 and TERM are the supervisor's business: a stop reaches workers as EOF
+    on their channel, or SIGKILL after the grace period."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every inherited descriptor but stdio, `keep` and the log's."""
+    import logging.handlers
+
+    keep = {0, 1, 2, *keep}
+    for handler in logging.getLogger("tlshd").handlers:
+        target: Any = None
+        if isinstance(handler, logging.handlers.SysLogHandler):
+            target = getattr(handler, "socket", None)  # not in typeshed's SysLogHandler
+        elif isinstance(handler, logging.StreamHandler):
+            target = handler.stream
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            keep.add(target.fileno())
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
+    for fd in fds:
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _pidfd_open(pid: int) -> int:
+    """A pidfd for a child not yet reaped (so `pid` is still ours), or -1."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError) as err:
+        if getattr(err, "errno", None) not in (errno.EMFILE, errno.ENFILE, errno.ENOSYS, None):
+            log.debug("pidfd_open(%d): %s", pid, err)
+        return -1
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+
+
+def warm_up_tls() -> None:
+    """One complete TLS 1.3 handshake between two memory BIOs in this process.
+
+    It exercises what every real handshake needs and OpenSSL initialises
+    lazily: provider and cipher fetches, the P-256 group, ECDSA sign and
+    verify, HKDF, AES-GCM, the DRBG.  Done here, before the fork of any worker,
+    it is paid once and shared copy-on-write, so a worker's first handshake is
+    as fast as its hundredth.  The key and certificate are throw-away ones."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import SSL
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlshd warm-up")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(minutes=5))
+        .sign(key, hashes.SHA256())
+    )
+    server_ctx = SSL.Context(SSL.TLS_METHOD)
+    server_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    server_ctx.use_certificate(cert)
+    server_ctx.use_privatekey(key)
+    client_ctx = SSL.Context(SSL.TLS_METHOD)
+    client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    client_ctx.set_verify(SSL.VERIFY_PEER, lambda *_args: True)
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    for _ in range(10):
+        done = 0
+        for conn, peer in ((client, server), (server, client)):
+            try:
+                conn.do_handshake()
+                done += 1
+            except SSL.WantReadError:
+                pass
+            with contextlib.suppress(SSL.WantReadError):
+                peer.bio_write(conn.bio_read(65536))
+        if done == 2:
+            return
+    log.debug("zygote %d: warm-up handshake did not complete", os.getpid())
+
+
+class _NoKeys:
+    """The warm-up's KeyService: it asks for no kernel key."""
+
+    def read_key(self, serial: int) -> Any:
+        raise OSError(errno.ENOKEY, "no keys in the warm-up")
+
+    def search_psks(self, identities: Sequence[str], keyring: int | None) -> None:
+        return None
+
+    def add_peer_certificate(self, der: bytes, description: str) -> int:
+        return 0
+
+
+def warm_up_engine(engine: Engine, generation: Any, timeout_s: float = 10.0) -> bool:
+    """One real handshake through the engine itself, both roles, over a
+    loopback TCP connection, with this generation's server certificate: the
+    engine's own first-use costs (context set-up, callbacks, PEM parsing,
+    HKDF) are then paid here, once.  No kTLS is installed and nothing is
+    logged.  True if both sides ran to the end (whatever the outcome)."""
+    import logging
+    import threading
+    import time
+
+    from tlshd.workers.engine import HandshakeContext
+
+    from tlshd.params import HandshakeParams
+    from tlshd.uapi import AuthMode, MsgType
+
+    server_creds = generation.credentials.server
+    if not (server_creds.cert_chain_pem and server_creds.private_key_pem):
+        return False
+    quiet = logging.getLogger("tlshd.warm-up")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+
+    def context() -> Any:
+        return HandshakeContext(
+            config=generation.config,
+            credentials=generation.credentials,
+            keys=_NoKeys(),
+            deadline=time.monotonic() + timeout_s,
+            log=logging.LoggerAdapter(quiet, {}),
+            install_ktls=lambda _sock, _tx, _rx: None,
+        )
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = socket.create_connection(listener.getsockname(), timeout_s)
+            server, _ = listener.accept()
+    except OSError:
+        return False
+    with client, server:
+        client.settimeout(None)
+        client_params = HandshakeParams(
+            sockfd=client.fileno(),
+            message_type=MsgType.CLIENTHELLO,
+            auth_mode=AuthMode.UNAUTH,
+            peername="localhost",
+        )
+        server_params = HandshakeParams(
+            sockfd=server.fileno(), message_type=MsgType.SERVERHELLO, auth_mode=AuthMode.X509
+        )
+        side = threading.Thread(target=engine, args=(client, client_params, context()))
+        side.start()
+        engine(server, server_params, context())
+        side.join(timeout_s)
+        return not side.is_alive()
