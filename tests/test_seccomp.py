@@ -120,7 +120,12 @@ def test_honest_workers_serve_under_the_filter() -> None:
             assert peer.release() == b"4000\n"
             assert peer.request.wait_done(10) == (0, ())
             peer.close()
-        worker = next(w for w in daemon.status()["workers"])
+        # A spare has said `ready`, which a worker does only after its filter is in.
+        status = daemon.wait_for(
+            lambda d: any(w["state"] == "idle" and w["pid"] for w in d["workers"]),
+            what="an idle worker",
+        )
+        worker = next(w for w in status["workers"] if w["state"] == "idle" and w["pid"])
         with open(f"/proc/{worker['pid']}/status") as f:
             fields = dict(line.split(":", 1) for line in f)
         assert fields["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
