@@ -25,15 +25,14 @@ STATUS_DOC: dict[str, Any] = {
     "pid": 4242,
     "uptime_s": 3725.4,
     "generation": 3,
+    "zygotes": [{"pid": 4245, "generation": 3, "state": "ready", "age_s": 3725.0}],
     "workers": [
         {
             "pid": 4243,
-            "state": "handshake",
+            "state": "busy",
             "peer": "nfs.example (192.0.2.7)",
             "req": 17,
             "age_s": 95.0,
-            "rss_bytes": 60 * 1024 * 1024,
-            "handshakes": 12,
         },
         {
             "pid": 4244,
@@ -41,8 +40,6 @@ STATUS_DOC: dict[str, Any] = {
             "peer": None,
             "req": None,
             "age_s": 5,
-            "rss_bytes": 2048,
-            "handshakes": 0,
         },
     ],
     "in_flight": 1,
@@ -252,10 +249,11 @@ def test_status_human(status_server: FakeStatusServer, capsys: pytest.CaptureFix
     assert "tlshd pid 4242, up 1h02m05s, config generation 3" in out
     assert "1 in flight, 0 queued, 120 done, 9 failed" in out
     row = next(line for line in out.splitlines() if "4243" in line)
-    # the PSS column comes from the memory section, not the worker's RSS (60 MiB)
-    for cell in ("handshake", "nfs.example (192.0.2.7)", "17", "1m35s", "25.0 MiB", "12"):
+    # the PSS column comes from the memory section
+    for cell in ("busy", "nfs.example (192.0.2.7)", "17", "1m35s", "25.0 MiB"):
         assert cell in row
-    assert "60.0 MiB" not in row
+    assert "HANDSHAKES" not in out  # single-use workers: nothing to count per worker
+    assert "zygote pid 4245 (generation 3): ready, up 1h02m05s" in out
     idle = next(line for line in out.splitlines() if "4244" in line)
     assert "idle" in idle and " - " in idle
     assert (

@@ -132,6 +132,7 @@ def render_status(doc: dict[str, Any]) -> str:
     memory: dict[str, Any] = raw_memory if isinstance(raw_memory, dict) else {}
     lines = _render_summary(doc)
     lines += _render_memory(memory, doc.get("pid"))
+    lines += _render_zygotes(doc.get("zygotes") or [], _pss_by_pid(memory))
     lines += _render_workers(doc.get("workers") or [], _pss_by_pid(memory))
     lines += _render_counters(doc.get("counters") or {})
     lines += _render_latency(doc.get("latency_ms") or {})
@@ -172,14 +173,28 @@ def _render_memory(memory: dict[str, Any], supervisor_pid: Any) -> list[str]:
     ]
 
 
-_WORKER_ROW = "  {:>8}  {:<12} {:<28} {:>8} {:>9} {:>10} {:>10}"
+_WORKER_ROW = "  {:>8}  {:<12} {:<28} {:>8} {:>9} {:>10}"
+
+
+def _render_zygotes(zygotes: list[Any], pss_by_pid: dict[Any, Any]) -> list[str]:
+    """One line per zygote: the template each generation's workers are forked from."""
+    lines = []
+    for z in zygotes:
+        z = z if isinstance(z, dict) else {}
+        pss = format_bytes(pss_by_pid.get(z["pid"]) if isinstance(z.get("pid"), int) else None)
+        lines.append(
+            f"zygote pid {_cell(z.get('pid'))} (generation {_cell(z.get('generation'))}): "
+            f"{_cell(z.get('state'))}, up {format_duration(z.get('age_s'))}, {pss.strip()} PSS"
+        )
+    return ["", *lines] if lines else []
 
 
 def _render_workers(workers: list[Any], pss_by_pid: dict[Any, Any]) -> list[str]:
+    """Single-use workers: each serves one request, so there is no per-worker count."""
     lines = ["", f"workers ({len(workers)}):"]
     if not workers:
         return [*lines, "  (none)"]
-    lines.append(_WORKER_ROW.format("PID", "STATE", "PEER", "REQ", "AGE", "PSS", "HANDSHAKES"))
+    lines.append(_WORKER_ROW.format("PID", "STATE", "PEER", "REQ", "AGE", "PSS"))
     for w in workers:
         w = w if isinstance(w, dict) else {}
         lines.append(
@@ -190,7 +205,6 @@ def _render_workers(workers: list[Any], pss_by_pid: dict[Any, Any]) -> list[str]
                 _cell(w.get("req")),
                 format_duration(w.get("age_s")),
                 format_bytes(pss_by_pid.get(w["pid"]) if isinstance(w.get("pid"), int) else None),
-                _cell(w.get("handshakes")),
             )
         )
     return lines
