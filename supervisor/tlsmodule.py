@@ -34,14 +34,7 @@ def tls_module_present(markers: tuple[str, ...] = TLS_MODULE_MARKERS) -> bool:
 def attach_tls_ulp_once() -> bool:
     """True if TCP_ULP "tls" could be set on a loopback connection."""
     try:
-        with contextlib.ExitStack() as stack:
-            listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            client = stack.enter_context(socket.create_connection(listener.getsockname(), 2))
-            server, _ = listener.accept()
-            stack.enter_context(server)
-            client.setsockopt(SOL_TCP, TCP_ULP, b"tls")
+        with _loopback_tls_socket():
             return True
     except OSError as err:
         log.debug("TCP_ULP tls on a loopback socket: %s", err)

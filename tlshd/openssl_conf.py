@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import tempfile
+from typing import Any
 
 ENV_VAR = "OPENSSL_CONF"
 # Set alongside OPENSSL_CONF so that a second call (or a forked worker) can tell
@@ -268,18 +269,19 @@ def tickets_disabled() -> bool:
     return _probe_result
 
 
-def _probe_tickets() -> int:
+def throwaway_identity(common_name: str) -> tuple[Any, Any]:
+    """A fresh P-256 key and a self-signed certificate valid for five minutes,
+    for in-memory handshakes that only exercise OpenSSL (the NumTickets probe
+    here, the zygote's warm-up)."""
     import datetime
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    from OpenSSL import SSL
-    from OpenSSL._util import ffi, lib
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlshd-ticket-probe")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -291,6 +293,14 @@ def _probe_tickets() -> int:
         .not_valid_after(now + datetime.timedelta(minutes=5))
         .sign(key, hashes.SHA256())
     )
+    return key, cert
+
+
+def _probe_tickets() -> int:
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    key, cert = throwaway_identity("tlshd-ticket-probe")
     server_ctx = SSL.Context(SSL.TLS_METHOD)
     server_ctx.use_certificate(cert)
     server_ctx.use_privatekey(key)
@@ -299,8 +309,8 @@ def _probe_tickets() -> int:
     client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     written_nsts = [0]
 
-    @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
     # A cffi callback: its types are the C signature given to ffi.callback.
+    @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
     def count_nst(write_p, _version, content_type, buf, length, _ssl, _arg):  # type: ignore[no-untyped-def]
         # content type 22 = handshake; message type 4 = NewSessionTicket
         if write_p and content_type == 22 and length and ffi.cast("unsigned char *", buf)[0] == 4:

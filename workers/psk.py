@@ -134,8 +134,8 @@ def install_client_psk(ctx: SSL.Context, state: TlsState, psk: Psk) -> None:
     identity_buf = ffi.new("unsigned char[]", psk.identity)
     state.keepalive.append(identity_buf)
 
-    @ffi.callback("int(SSL *, EVP_MD *, unsigned char **, size_t *, SSL_SESSION **)")
     # A cffi callback: its types are the C signature given to ffi.callback.
+    @ffi.callback("int(SSL *, EVP_MD *, unsigned char **, size_t *, SSL_SESSION **)")
     def use_session(_ssl, _md, id_out, idlen_out, sess_out):  # type: ignore[no-untyped-def]
         try:
             session = new_psk_session(psk.key, psk.hash_name)
@@ -225,8 +225,8 @@ def install_server_psk(
         material = found[0]
         return material if material is not None and material.description == identity else None
 
-    @ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
     # A cffi callback: its types are the C signature given to ffi.callback.
+    @ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
     def find_session(_ssl, identity, identity_len, sess_out):  # type: ignore[no-untyped-def]
         sess_out[0] = ffi.NULL
         state.psk_identities_seen += 1

@@ -110,8 +110,8 @@ def _install_msg_callback(ctx: SSL.Context, state: TlsState) -> None:
     """Count NewSessionTickets we write (they use up TX record numbers) and
     alerts; keep the first ClientHello received."""
 
-    @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
     # A cffi callback: its types are the C signature given to ffi.callback.
+    @ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")
     def on_message(write_p, _version, content_type, buf, length, _ssl, _arg):  # type: ignore[no-untyped-def]
         if length == 0:
             return
@@ -142,8 +142,8 @@ def install_servername_callback(
     alert of our choosing (the PSK find callback can only cause internal_error).
     """
 
-    @ffi.callback("int(SSL *, int *, void *)")
     # A cffi callback: its types are the C signature given to ffi.callback.
+    @ffi.callback("int(SSL *, int *, void *)")
     def on_servername(_ssl, alert, _arg):  # type: ignore[no-untyped-def]
         description = decide_alert()
         if description is None:

@@ -283,27 +283,11 @@ def warm_up_tls() -> None:
     verify, HKDF, AES-GCM, the DRBG.  Done here, before the fork of any worker,
     it is paid once and shared copy-on-write, so a worker's first handshake is
     as fast as its hundredth.  The key and certificate are throw-away ones."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     from OpenSSL import SSL
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlshd warm-up")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(minutes=5))
-        .sign(key, hashes.SHA256())
-    )
+    from tlshd.openssl_conf import throwaway_identity
+
+    key, cert = throwaway_identity("tlshd warm-up")
     server_ctx = SSL.Context(SSL.TLS_METHOD)
     server_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     server_ctx.use_certificate(cert)
