@@ -47,6 +47,7 @@ from tlshd.workers import WORKER_BOOT_ERROR
 from tlshd.workers.zygote import ZYGOTE_OPS
 
 from tlshd import ipc
+from tlshd.children import reap_exited
 from tlshd.config import Config
 from tlshd.credentials import Credentials
 from tlshd.log import log
@@ -344,16 +345,7 @@ class WorkerPool:
         """waitpid(-1, WNOHANG) until none is left: zygotes, and workers
         orphaned by a dead zygote.  The supervisor starts no other children
         while the loop runs (tls.ko's modprobe runs before it)."""
-        reaped = []
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            reaped.append((pid, status))
-        return reaped
+        return list(reap_exited())
 
 
 def _pidfd_of_child(pid: int, parent: int) -> int | None:

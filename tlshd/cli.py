@@ -45,21 +45,23 @@ USAGE = (
 )
 PATH_MAX = 4096
 
-# Option spelling -> (name, takes a value), for both the daemon and `status`.
+# (short spelling, long spelling, name, takes a value): every command's options.
+_OPTION_TABLE = (
+    ("-c", "--config", "config", True),
+    ("-h", "--help", "help", False),
+    ("-s", "--stderr", "stderr", False),
+    ("-v", "--version", "version", False),
+    (None, "--check-config", "check_config", False),
+    ("-j", "--json", "json", False),
+    (None, "--socket", "socket", True),
+    (None, "--root", "root", True),
+)
+# Option spelling -> (name, takes a value).
 _OPTIONS: dict[str, tuple[str, bool]] = {
-    "-c": ("config", True),
-    "--config": ("config", True),
-    "-h": ("help", False),
-    "--help": ("help", False),
-    "-s": ("stderr", False),
-    "--stderr": ("stderr", False),
-    "-v": ("version", False),
-    "--version": ("version", False),
-    "--check-config": ("check_config", False),
-    "-j": ("json", False),
-    "--json": ("json", False),
-    "--socket": ("socket", True),
-    "--root": ("root", True),
+    spelling: (name, takes_value)
+    for short, long, name, takes_value in _OPTION_TABLE
+    for spelling in (short, long)
+    if spelling is not None
 }
 _DAEMON_OPTS = ("c:hsv", ["config=", "help", "stderr", "version", "check-config"])
 _STATUS_OPTS = ("c:hj", ["config=", "help", "json", "socket="])
@@ -70,6 +72,21 @@ log = logging.getLogger("tlshd")
 
 class UsageError(Exception):
     """A command line that does not parse; the message says what is wrong."""
+
+
+def _subcommand_options(
+    args: Sequence[str], spec: tuple[str, list[str]], command: str
+) -> dict[str, str | bool] | int:
+    """A subcommand's options, or its exit status when there is nothing more
+    to do (a usage error: 2; --help: 0)."""
+    try:
+        parsed = parse_options(args, spec)
+    except UsageError as err:
+        return _usage_error(f"{command}: {err}")
+    if parsed.get("help"):
+        sys.stderr.write(USAGE)
+        return 0
+    return parsed
 
 
 def parse_options(args: Sequence[str], spec: tuple[str, list[str]]) -> dict[str, str | bool]:
@@ -245,13 +262,9 @@ def status_main(args: Sequence[str]) -> int:
         status_socket_from_config,
     )
 
-    try:
-        parsed = parse_options(args, _STATUS_OPTS)
-    except UsageError as err:
-        return _usage_error(f"status: {err}")
-    if parsed.get("help"):
-        sys.stderr.write(USAGE)
-        return 0
+    parsed = _subcommand_options(args, _STATUS_OPTS, "status")
+    if isinstance(parsed, int):
+        return parsed
     _setup_tool_logging()
     try:
         path = _string(parsed, "socket") or status_socket_from_config(_string(parsed, "config"))
@@ -273,13 +286,9 @@ def install_main(args: Sequence[str]) -> int:
     """`tlshd install-files`: the unit, example config and man pages out of the wheel."""
     from tlshd.install import InstallError, install_files
 
-    try:
-        parsed = parse_options(args, _INSTALL_OPTS)
-    except UsageError as err:
-        return _usage_error(f"install-files: {err}")
-    if parsed.get("help"):
-        sys.stderr.write(USAGE)
-        return 0
+    parsed = _subcommand_options(args, _INSTALL_OPTS, "install-files")
+    if isinstance(parsed, int):
+        return parsed
     root = _string(parsed, "root") or "/"
     try:
         for line in install_files(root):

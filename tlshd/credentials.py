@@ -51,6 +51,9 @@ from tlshd.config import (
     read_bounded,
 )
 
+Certs = list[x509.Certificate]
+Crls = list[x509.CertificateRevocationList]
+
 ROLES = ("client", "server")
 ROLE_SECTIONS = {"client": "authenticate.client", "server": "authenticate.server"}
 # A scheme prefix per RFC 3986 (upstream hands such strings to gnutls_privkey_import_url).
@@ -193,9 +196,9 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
     chain_pem = key_pem = trust_pem = crl_pem = None
     chain: list[x509.Certificate] = []
     if rc.certificate:
-        label = key_label(role, "x509.certificate")
-        chain = parse_certificates(read_file(rc.certificate, label), rc.certificate, label)
-        chain_pem = _pem(chain)
+        chain, chain_pem = _load_pem_file(
+            role, "x509.certificate", rc.certificate, parse_certificates
+        )
     if rc.private_key:
         label = key_label(role, "x509.private_key")
         _reject_url(rc.private_key, label)
@@ -211,14 +214,19 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
             serialization.NoEncryption(),
         )
     if rc.truststore:
-        label = key_label(role, "x509.truststore")
-        trust = parse_certificates(read_file(rc.truststore, label), rc.truststore, label)
-        trust_pem = _pem(trust)
+        _, trust_pem = _load_pem_file(role, "x509.truststore", rc.truststore, parse_certificates)
     if rc.crl:
-        label = key_label(role, "x509.crl")
-        crls = parse_crls(read_file(rc.crl, label), rc.crl, label)
-        crl_pem = _pem(crls)
+        _, crl_pem = _load_pem_file(role, "x509.crl", rc.crl, parse_crls)
     return RoleCredentials(chain_pem, key_pem, trust_pem, crl_pem)
+
+
+def _load_pem_file(
+    role: str, key: str, path: str, parse: Callable[[bytes, str, ConfigKey], list[Any]]
+) -> tuple[list[Any], bytes]:
+    """The objects in the PEM file a key names, and their canonical PEM."""
+    label = key_label(role, key)
+    objects = parse(read_file(path, label), path, label)
+    return objects, _pem(objects)
 
 
 def _warn_if_key_exposed(path: str, label: ConfigKey) -> None:
@@ -428,13 +436,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _check_chain(
-    out: _Findings,
-    role: str,
-    path: str,
-    chain: list[x509.Certificate],
-    trust: list[x509.Certificate],
-) -> None:
+def _check_chain(out: _Findings, role: str, path: str, chain: Certs, trust: Certs) -> None:
     """Walk from the leaf through the configured intermediates to a trust anchor."""
     label = key_label(role, "x509.certificate")
     store_key = key_label(role, "x509.truststore")
@@ -455,13 +457,7 @@ def _check_chain(
     )
 
 
-def _check_crls(
-    out: _Findings,
-    role: str,
-    path: str,
-    crls: list[x509.CertificateRevocationList],
-    trust: list[x509.Certificate],
-) -> None:
+def _check_crls(out: _Findings, role: str, path: str, crls: Crls, trust: Certs) -> None:
     label = key_label(role, "x509.crl")
     now = _now()
     for crl in crls:

@@ -351,9 +351,7 @@ class _RecordReader:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
-            if err.errno in _PREMATURE_CLOSE_ERRNOS:
-                raise _premature_close() from err
-            raise HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}") from err
+            raise _io_failure(err) from err
         if not data:
             raise _premature_close()
         conn.bio_write(data)
@@ -364,6 +362,14 @@ class _RecordReader:
         if len(self.header) == self.HEADER:
             self.body_left = int.from_bytes(self.header[3:5], "big")
             self.header = b""
+
+
+def _io_failure(err: OSError) -> HandshakeFailure:
+    """A socket error during the handshake: a close by the peer (ETIMEDOUT, so
+    the consumer may retry, as upstream) or any other error (EACCES)."""
+    if err.errno in _PREMATURE_CLOSE_ERRNOS:
+        return _premature_close()
+    return HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}")
 
 
 def _premature_close() -> HandshakeFailure:
@@ -388,9 +394,7 @@ def _flush(req: _Request, deadline: float) -> None:
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as err:
-                if err.errno in _PREMATURE_CLOSE_ERRNOS:
-                    raise _premature_close() from err
-                raise HandshakeFailure(errno.EACCES, f"handshake I/O error: {err}") from err
+                raise _io_failure(err) from err
             data = data[sent:]
 
 

@@ -51,6 +51,7 @@ from typing import Any
 from tlshd.workers import WORKER_BOOT_ERROR
 
 from tlshd import ipc
+from tlshd.children import reap_exited
 from tlshd.log import log
 from tlshd.params import Engine
 from tlshd.proctitle import set_title
@@ -212,13 +213,7 @@ class Zygote:
             os._exit(code)
 
     def report_exits(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reap_exited():
             with contextlib.suppress(OSError):
                 ipc.send_message(self.channel, {"op": "exited", "pid": pid, "status": status})
 
