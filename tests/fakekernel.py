@@ -72,6 +72,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tests import nlhelpers
 from tlshd import netlink as nl
 from tlshd.netlink import HandshakeNetlink, NetlinkMessage, SocketTransport
 from tlshd.uapi import (
@@ -515,7 +516,7 @@ class FakeKernel:
         if overrun:
             self.inject_overrun()
         elif notify:
-            self.send_raw_notification(nl.encode_ready(self.family_id, handler_class))
+            self.send_raw_notification(nlhelpers.encode_ready(self.family_id, handler_class))
         return request
 
     @property
@@ -714,7 +715,7 @@ class FakeKernel:
     # ---- handshake family
 
     def _strict_attrs(self, attrs: bytes, maxattr: int) -> list[tuple[int, bytes]]:
-        parsed = nl.parse_attrs(attrs)
+        parsed = nlhelpers.parse_attrs(attrs)
         for attr_type, _value in parsed:
             if attr_type > maxattr or attr_type == 0:
                 raise _Refused(errno.EINVAL, "Unknown attribute type")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import nlhelpers
 from tests.fakekernel import FakeKernel, FakeTransport, netlink_from_fds
 from tlshd import netlink as nl
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkError
@@ -139,10 +140,10 @@ def test_lost_notification_still_acceptable(
 
 def test_notifications_never_raise_on_junk(kernel: FakeKernel, daemon: HandshakeNetlink) -> None:
     kernel.send_raw_notification(b"\x01" * 40)
-    kernel.send_raw_notification(nl.encode_ready(kernel.family_id)[:-2])
-    kernel.send_raw_notification(nl.encode_ready(kernel.family_id, HandlerClass.NONE))
-    kernel.send_raw_notification(nl.encode_ready(kernel.family_id + 1))
-    kernel.send_raw_notification(nl.encode_ready(kernel.family_id))
+    kernel.send_raw_notification(nlhelpers.encode_ready(kernel.family_id)[:-2])
+    kernel.send_raw_notification(nlhelpers.encode_ready(kernel.family_id, HandlerClass.NONE))
+    kernel.send_raw_notification(nlhelpers.encode_ready(kernel.family_id + 1))
+    kernel.send_raw_notification(nlhelpers.encode_ready(kernel.family_id))
     batch = daemon.read_notifications()
     assert (batch.ready, batch.malformed, batch.ignored) == (1, 2, 2)
 

@@ -122,7 +122,6 @@ SPECS: dict[str, tuple[dict[str, Any], dict[str, st.SearchStrategy[Any]]]] = {
             "result.remote_auth": bad_remote_auth,
             "result.cipher": bad_str(ipc.MAX_CIPHER_LEN, optional=True),
             "result.detail": bad_str(ipc.MAX_DETAIL_LEN, optional=True),
-            "result.extra": json_values.filter(lambda v: not isinstance(v, dict)),
         },
     ),
     "key_read": (

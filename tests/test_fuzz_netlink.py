@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import nlhelpers
 from tests.fakekernel import DEFAULT_FAMILY_ID, FakeKernel
 from tests.helpers.daemon import running_daemon, tcp_pair
 from tests.helpers.engines import Peer, gated_engine
@@ -165,7 +166,7 @@ def decode_everything(data: bytes) -> None:
     """Every decoder on `data`; each may fail only with NetlinkDecodeError."""
     for family in (None, FAMILY):
         with contextlib.suppress(NetlinkDecodeError):
-            check_params(nl.decode_accept_reply(data, family))
+            check_params(nlhelpers.decode_accept_reply(data, family))
     try:
         parsed = nl.parse_messages(data)
     except NetlinkDecodeError:
@@ -176,7 +177,7 @@ def decode_everything(data: bytes) -> None:
             with contextlib.suppress(NetlinkDecodeError):
                 decode(msg)
         with contextlib.suppress(NetlinkDecodeError):
-            check_params(nl._decode_accept_message(msg, FAMILY))
+            check_params(nl.decode_accept_message(msg, FAMILY))
     with contextlib.suppress(NetlinkDecodeError):
         dump.maxattr(HandshakeCmd.DONE)
     classifier = HandshakeNetlink()

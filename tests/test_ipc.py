@@ -82,7 +82,7 @@ def test_encode_refuses_oversized() -> None:
         ({"status": 0, "remote_auth": "1"}, False),
         ({"status": 0, "cipher": 5}, False),
         ({"status": 0, "detail": "x" * 5000}, False),
-        ({"status": 0, "extra": []}, False),
+        ({"status": 0, "extra": {}}, False),  # no field beyond the four
     ],
 )
 def test_check_result(result: dict, ok: bool) -> None:  # type: ignore[type-arg]

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import nlhelpers
 from tlshd import netlink as nl
 from tlshd.netlink import NetlinkDecodeError
 from tlshd.params import HandshakeParams
@@ -102,7 +103,7 @@ def test_getpolicy_encoding_names_family_and_op() -> None:
     (msg,) = nl.parse_messages(data)
     assert msg.type == 0x10 and msg.flags == 1 | 0x300 and msg.seq == 5
     assert msg.payload[0] == 10
-    attrs = nl.parse_attrs(msg.payload[4:])
+    attrs = nlhelpers.parse_attrs(msg.payload[4:])
     assert attrs == [(1, struct.pack("=H", FAMILY)), (10, struct.pack("=I", 3))]
     # A u16 attribute is 6 bytes long, padded to 8: strict policies reject len 8.
     assert struct.unpack_from("=H", msg.payload, 4)[0] == 6
@@ -181,7 +182,7 @@ def test_pyroute2_reply_decodes_with_ours() -> None:
         0,
         1,
     )
-    params = nl.decode_accept_reply(data, FAMILY)
+    params = nlhelpers.decode_accept_reply(data, FAMILY)
     assert params == HandshakeParams(
         sockfd=5, message_type=1, auth_mode=2, peername="server.example", peer_identities=(10, 20)
     )
@@ -200,7 +201,7 @@ def test_our_reply_decodes_with_pyroute2() -> None:
 
 
 def test_full_accept_reply() -> None:
-    params = nl.decode_accept_reply(genl(FAMILY, 2, full_reply_attrs(7)), FAMILY)
+    params = nlhelpers.decode_accept_reply(genl(FAMILY, 2, full_reply_attrs(7)), FAMILY)
     assert params == HandshakeParams(
         sockfd=7,
         message_type=2,
@@ -215,25 +216,27 @@ def test_full_accept_reply() -> None:
 
 
 def test_minimal_accept_reply_defaults() -> None:
-    params = nl.decode_accept_reply(genl(FAMILY, 2, s32(1, 4) + u32(5, 1)))
+    params = nlhelpers.decode_accept_reply(genl(FAMILY, 2, s32(1, 4) + u32(5, 1)))
     assert params == HandshakeParams(sockfd=4, auth_mode=1)
     assert params.timeout_ms is None and params.peername is None and params.keyring is None
 
 
 def test_unknown_attributes_are_ignored() -> None:
     attrs = u32(200, 1) + s32(1, 3) + nlattr(0x3FFF, b"whatever") + nlattr(10, b"") + u32(5, 2)
-    assert nl.decode_accept_reply(genl(FAMILY, 2, attrs)) == HandshakeParams(sockfd=3, auth_mode=2)
+    assert nlhelpers.decode_accept_reply(genl(FAMILY, 2, attrs)) == HandshakeParams(
+        sockfd=3, auth_mode=2
+    )
 
 
 def test_certificate_nest_without_nested_flag_and_partial() -> None:
     attrs = s32(1, 3) + nlattr(7, s32(2, 55))
-    params = nl.decode_accept_reply(genl(FAMILY, 2, attrs))
+    params = nlhelpers.decode_accept_reply(genl(FAMILY, 2, attrs))
     assert (params.cert_serial, params.privkey_serial) == (0, 55)
 
 
 def test_peername_forms() -> None:
     def peername(raw: bytes) -> str | None:
-        return nl.decode_accept_reply(genl(FAMILY, 2, s32(1, 3) + nlattr(8, raw))).peername
+        return nlhelpers.decode_accept_reply(genl(FAMILY, 2, s32(1, 3) + nlattr(8, raw))).peername
 
     assert peername(b"host\0") == "host"
     assert peername(b"host") == "host"  # missing terminator tolerated
@@ -247,7 +250,7 @@ def test_two_messages_in_one_datagram_are_split() -> None:
     messages = nl.parse_messages(one + one)
     assert [m.type for m in messages] == [FAMILY, FAMILY]
     with pytest.raises(NetlinkDecodeError):
-        nl.decode_accept_reply(one + one)
+        nlhelpers.decode_accept_reply(one + one)
 
 
 @pytest.mark.parametrize(
@@ -265,30 +268,30 @@ def test_two_messages_in_one_datagram_are_split() -> None:
 )
 def test_malformed_accept_replies(attrs: bytes) -> None:
     with pytest.raises(NetlinkDecodeError):
-        nl.decode_accept_reply(genl(FAMILY, 2, attrs))
+        nlhelpers.decode_accept_reply(genl(FAMILY, 2, attrs))
 
 
 def test_decode_error_keeps_a_wellformed_sockfd() -> None:
     attrs = s32(1, 3) + nlattr(4, b"\x01")
     with pytest.raises(NetlinkDecodeError) as info:
-        nl.decode_accept_reply(genl(FAMILY, 2, attrs))
+        nlhelpers.decode_accept_reply(genl(FAMILY, 2, attrs))
     assert info.value.sockfd == 3
 
 
 def test_wrong_family_command_or_type() -> None:
     with pytest.raises(NetlinkDecodeError):
-        nl.decode_accept_reply(genl(FAMILY, 2, s32(1, 3)), FAMILY + 1)
+        nlhelpers.decode_accept_reply(genl(FAMILY, 2, s32(1, 3)), FAMILY + 1)
     with pytest.raises(NetlinkDecodeError):
-        nl.decode_accept_reply(genl(FAMILY, 3, s32(1, 3)))
+        nlhelpers.decode_accept_reply(genl(FAMILY, 3, s32(1, 3)))
     with pytest.raises(NetlinkDecodeError):
-        nl.decode_accept_reply(genl(nl.NLMSG_ERROR, 2, s32(1, 3)))
+        nlhelpers.decode_accept_reply(genl(nl.NLMSG_ERROR, 2, s32(1, 3)))
 
 
 def test_every_truncation_is_a_decode_error() -> None:
     data = genl(FAMILY, 2, full_reply_attrs())
     for cut in range(len(data)):
         with pytest.raises(NetlinkDecodeError):
-            nl.decode_accept_reply(data[:cut])
+            nlhelpers.decode_accept_reply(data[:cut])
 
 
 def test_nlmsg_len_lies() -> None:
@@ -296,14 +299,14 @@ def test_nlmsg_len_lies() -> None:
     for bogus in (0, 15, len(data) + 1, 0xFFFFFFFF):
         struct.pack_into("=I", data, 0, bogus)
         with pytest.raises(NetlinkDecodeError):
-            nl.decode_accept_reply(bytes(data))
+            nlhelpers.decode_accept_reply(bytes(data))
 
 
 # -- READY, NLMSG_ERROR, nlctrl replies
 
 
 def test_ready_roundtrip_and_errors() -> None:
-    (msg,) = nl.parse_messages(nl.encode_ready(FAMILY))
+    (msg,) = nl.parse_messages(nlhelpers.encode_ready(FAMILY))
     assert (msg.type, msg.seq, msg.portid) == (FAMILY, 0, 0)
     assert nl.decode_ready(msg) == 1
     (other,) = nl.parse_messages(genl(FAMILY, 1, u32(2, 7)))
@@ -369,7 +372,7 @@ def test_policy_dump_maxattr() -> None:
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes(data: bytes) -> None:
     with contextlib.suppress(NetlinkDecodeError):
-        nl.decode_accept_reply(data)
+        nlhelpers.decode_accept_reply(data)
     with contextlib.suppress(NetlinkDecodeError):
         for msg in nl.parse_messages(data):
             for decode in (nl.decode_ready, nl.decode_error, nl.decode_family):
@@ -385,7 +388,7 @@ def test_fuzz_mutated_reply(data: st.DataObject) -> None:
         index = data.draw(st.integers(0, len(reply) - 1))
         reply[index] = data.draw(st.integers(0, 255))
     try:
-        params = nl.decode_accept_reply(bytes(reply))
+        params = nlhelpers.decode_accept_reply(bytes(reply))
     except NetlinkDecodeError:
         return
     assert params.sockfd >= 0

@@ -359,13 +359,15 @@ def check_result(message: dict[str, Any]) -> HandshakeResult:
         or any(type(s) is not int or not 0 <= s <= U32_MAX for s in remote_auth)
     ):
         raise IpcError("field 'remote_auth' is not a list of at most five u32 serials")
-    extra = wire.get("extra", {})
-    if not isinstance(extra, dict):
-        raise IpcError("field 'extra' is not an object")
+    unknown = set(wire) - _RESULT_FIELDS
+    if unknown:
+        raise IpcError(f"result has unknown fields {sorted(unknown)[:5]}")
     return HandshakeResult(
         status=status,
         remote_auth=tuple(remote_auth),
         cipher=check_optional_str(wire, "cipher", MAX_CIPHER_LEN),
         detail=check_optional_str(wire, "detail", MAX_DETAIL_LEN) or "",
-        extra=extra,
     )
+
+
+_RESULT_FIELDS = frozenset({"status", "remote_auth", "cipher", "detail"})

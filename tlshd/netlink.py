@@ -212,10 +212,6 @@ def iter_attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
         offset += _align4(length)
 
 
-def parse_attrs(data: bytes) -> list[tuple[int, bytes]]:
-    return list(iter_attrs(data))
-
-
 def _int_attr(payload: bytes, fmt: struct.Struct, name: str) -> int:
     if len(payload) != fmt.size:
         raise NetlinkDecodeError(f"attribute {name} has {len(payload)} bytes, not {fmt.size}")
@@ -335,15 +331,7 @@ def decode_accept_attrs(attrs: bytes) -> HandshakeParams:
     return HandshakeParams(sockfd=sockfd, peer_identities=tuple(peer_identities), **fields)
 
 
-def decode_accept_reply(data: bytes, family_id: int | None = None) -> HandshakeParams:
-    """Decode one ACCEPT reply message (netlink header included)."""
-    messages = parse_messages(data)
-    if len(messages) != 1:
-        raise NetlinkDecodeError(f"expected one ACCEPT reply, got {len(messages)} messages")
-    return _decode_accept_message(messages[0], family_id)
-
-
-def _decode_accept_message(msg: NetlinkMessage, family_id: int | None) -> HandshakeParams:
+def decode_accept_message(msg: NetlinkMessage, family_id: int | None) -> HandshakeParams:
     if family_id is not None and msg.type != family_id:
         raise NetlinkDecodeError(f"message type {msg.type} is not the handshake family")
     if msg.type < 0x10:  # NLMSG_* control messages are below NLMSG_MIN_TYPE
@@ -363,12 +351,6 @@ def decode_ready(msg: NetlinkMessage) -> int:
         if attr_type == AcceptAttr.HANDLER_CLASS:
             return _int_attr(value, _U32, "HANDLER_CLASS")
     raise NetlinkDecodeError("READY without HANDLER_CLASS")
-
-
-def encode_ready(family_id: int, handler_class: int = HandlerClass.TLSHD) -> bytes:
-    """A READY notification as the kernel multicasts it (seq 0, portid 0)."""
-    attrs = encode_u32(AcceptAttr.HANDLER_CLASS, handler_class)
-    return encode_genl(family_id, HandshakeCmd.READY, HANDSHAKE_FAMILY_VERSION, 0, attrs, flags=0)
 
 
 def check_done_status(status: int) -> int:
@@ -701,7 +683,7 @@ class HandshakeNetlink:
 
     def _accepted(self, msg: NetlinkMessage, family_id: int) -> HandshakeParams:
         try:
-            return _decode_accept_message(msg, family_id)
+            return decode_accept_message(msg, family_id)
         except NetlinkDecodeError as err:
             log.error("malformed ACCEPT reply: %s", err)
             if err.sockfd is not None:
@@ -807,7 +789,7 @@ class HandshakeNetlink:
         if msg.type != self.family_id:
             return
         try:
-            self._stale_accepts.append(_decode_accept_message(msg, self.family_id))
+            self._stale_accepts.append(decode_accept_message(msg, self.family_id))
         except NetlinkDecodeError as err:
             if err.sockfd is not None:
                 self._stale_accepts.append(HandshakeParams(sockfd=err.sockfd))

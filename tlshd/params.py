@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from tlshd.uapi import AuthMode, MsgType
@@ -52,7 +52,6 @@ class HandshakeResult:
     remote_auth: tuple[int, ...] = ()
     cipher: str | None = None
     detail: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)

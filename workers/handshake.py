@@ -193,10 +193,6 @@ class HandshakeJob:
         detail = result.detail[: ipc.MAX_DETAIL_LEN]
         if (cipher, detail) != (result.cipher, result.detail):
             result = dataclasses.replace(result, cipher=cipher, detail=detail)
-        message = {"op": "result", "req": self.req_id, "result": result.to_wire()}
-        try:
-            ipc.send_message(self.channel, message)
-        except ipc.IpcError:
-            # Too large to send (an oversized `extra`): the status still matters.
-            message["result"] = dataclasses.replace(result, extra={}).to_wire()
-            ipc.send_message(self.channel, message)
+        ipc.send_message(
+            self.channel, {"op": "result", "req": self.req_id, "result": result.to_wire()}
+        )
