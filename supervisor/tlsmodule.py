@@ -12,13 +12,18 @@ with DONE(EIO) from the kTLS step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
+import struct
 import subprocess
+from collections.abc import Callable, Iterator
+
+from tlshd.workers import ktls
 
 from tlshd.log import log
-from tlshd.uapi import SOL_TCP, TCP_ULP
+from tlshd.uapi import SOL_TCP, SOL_TLS, TCP_ULP, TLS_TX_MAX_PAYLOAD_LEN
 
 TLS_MODULE_MARKERS = ("/sys/module/tls", "/proc/net/tls_stat")
 MODPROBE_TIMEOUT_S = 10
@@ -64,7 +69,17 @@ def run_modprobe() -> bool:
 
 
 def ensure_tls_module() -> bool:
-    """Load tls.ko if needed; log an ERROR (once) if kTLS is unavailable."""
+    """Load tls.ko if needed; log an ERROR (once) if kTLS is unavailable.
+
+    Then tell the engine (tlshd.workers.ktls) whether this kernel can cap TX
+    records (RFC 8449), before any worker is forked: workers inherit the
+    answer, and a worker forked from a process that never asked assumes no."""
+    loaded = _load_tls_module()
+    ktls.record_kernel_caps_tx_records(loaded and tx_max_payload_len_supported())
+    return loaded
+
+
+def _load_tls_module() -> bool:
     if tls_module_present() or attach_tls_ulp_once():
         return True
     if run_modprobe() and (tls_module_present() or attach_tls_ulp_once()):
@@ -74,3 +89,47 @@ def ensure_tls_module() -> bool:
         "every handshake will fail with EIO until it is"
     )
     return False
+
+
+@contextlib.contextmanager
+def _loopback_tls_socket() -> Iterator[socket.socket]:
+    """A connected loopback TCP socket with the tls ULP attached (no keys yet)."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = stack.enter_context(socket.create_connection(listener.getsockname(), 2))
+        server, _ = listener.accept()
+        stack.enter_context(server)
+        client.setsockopt(SOL_TCP, TCP_ULP, b"tls")
+        yield client
+
+
+def tx_max_payload_len_supported(
+    tls_socket: Callable[[], contextlib.AbstractContextManager[socket.socket]] = (
+        _loopback_tls_socket
+    ),
+) -> bool:
+    """True if this kernel can cap the plaintext of each kTLS TX record.
+
+    RFC 8449's record_size_limit obliges the sender to keep its records within
+    the peer's limit, and with kTLS the kernel builds the records: the limit is
+    only enforceable through TLS_TX_MAX_PAYLOAD_LEN (Linux 6.19), so the
+    extension must not be negotiated where this is False.  Kernels before 6.19
+    answer ENOPROTOOPT; upstream tlshd 1.4.0 treats that answer as fatal and fails
+    every handshake with EIO there (Debian 13's 6.12, tests/lab/test_upstream_rsl.py).
+    The option is read on a loopback socket with the tls ULP, which the kernel
+    answers before any key is installed (16384 by default).  Needs tls.ko loaded
+    (see ensure_tls_module); any failure means "not supported".
+    """
+    try:
+        with tls_socket() as sock:
+            value = sock.getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, 2)
+    except OSError as err:
+        if err.errno != errno.ENOPROTOOPT:
+            log.debug("TLS_TX_MAX_PAYLOAD_LEN probe: %s", err)
+        return False
+    log.debug(
+        "kernel TLS caps TX records (TLS_TX_MAX_PAYLOAD_LEN = %d)", *struct.unpack("=H", value)
+    )
+    return True

@@ -67,6 +67,8 @@ TCP_ULP = 31
 SOL_TLS = 282
 TLS_TX = 1
 TLS_RX = 2
+# Linux 6.19: the largest plaintext the kernel puts in one TX record (u16; RFC 8449)
+TLS_TX_MAX_PAYLOAD_LEN = 5
 TLS_1_3_VERSION = 0x0304
 
 # TLS_CIPHER_* (include/uapi/linux/tls.h): the ciphers kTLS offloads for TLS 1.3.

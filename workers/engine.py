@@ -58,6 +58,11 @@ class HandshakeContext:
     log: logging.LoggerAdapter
     set_phase: Callable[[str], None] = lambda _phase: None
     install_ktls: Callable[[socket.socket, bytes, bytes], None] = ktls.install_ktls
+    # (sock, max data bytes per TX record), or None where the kernel cannot cap
+    # kTLS records (TLS_TX_MAX_PAYLOAD_LEN, Linux 6.19)
+    cap_tx_records: Callable[[socket.socket, int], None] | None = field(
+        default_factory=ktls.tx_record_capper
+    )
 
 
 class HandshakeFailure(Exception):
@@ -551,7 +556,51 @@ def _hand_off_to_ktls(req: _Request) -> str:
         raise HandshakeFailure(errno.EIO, str(err)) from err
     except OSError as err:
         raise HandshakeFailure(errno.EIO, f"kTLS setup failed: {err}") from err
+    _honour_record_size_limit(req)
     return cipher
+
+
+def _honour_record_size_limit(req: _Request) -> None:
+    """Keep kTLS records within a client's record_size_limit (RFC 8449).
+
+    Only the server role sees a limit: OpenSSL cannot negotiate the extension
+    (it has no record_size_limit, and the custom-extension API bound in the
+    cryptography wheel is the pre-TLS 1.3 one: a client offering it through
+    that API aborts with "bad extension" when the server answers in
+    EncryptedExtensions).  So we never offer or acknowledge the extension, and
+    an unacknowledged limit does not bind us (RFC 8449 §4); capping our records
+    anyway costs nothing and serves clients that need it.  Where the kernel
+    cannot cap (before Linux 6.19) or refuses, records stay full size and the
+    handshake still succeeds: upstream 1.4.0 fails every handshake there.
+    """
+    if not req.is_server or req.state.client_hello is None:
+        return
+    body = tlsctx.client_hello_extension(req.state.client_hello, tlsctx.EXT_RECORD_SIZE_LIMIT)
+    if body is None:
+        return
+    try:
+        if len(body) != 2:
+            raise ktls.KtlsError(f"record_size_limit of {len(body)} bytes")
+        max_payload = ktls.tx_max_payload_for(int.from_bytes(body, "big"))
+    except ktls.KtlsError as err:
+        req.log.warning("ignoring the client's record_size_limit: %s", err)
+        return
+    if max_payload is None:
+        return
+    cap = req.ctx.cap_tx_records
+    if cap is None:
+        req.log.info(
+            "client asks for records of at most %d data bytes; this kernel cannot "
+            "cap kTLS records (TLS_TX_MAX_PAYLOAD_LEN needs Linux 6.19), records stay full size",
+            max_payload,
+        )
+        return
+    try:
+        cap(req.sock, max_payload)
+    except (ktls.KtlsError, OSError) as err:
+        req.log.warning("cannot cap kTLS records at %d bytes: %s", max_payload, err)
+        return
+    req.log.info("kTLS records capped at %d data bytes (client's record_size_limit)", max_payload)
 
 
 def _traffic_keys(req: _Request) -> tuple[ktls.SuiteInfo, bytes, bytes]:

@@ -43,6 +43,9 @@ HS_NEW_SESSION_TICKET = 4
 ALERT_ACCESS_DENIED = 49
 ALERT_UNKNOWN_PSK_IDENTITY = 115
 
+# Extension types (IANA TLS ExtensionType registry)
+EXT_RECORD_SIZE_LIMIT = 28  # RFC 8449
+
 SSL_TLSEXT_ERR_OK = 0
 SSL_TLSEXT_ERR_ALERT_FATAL = 2
 
@@ -74,6 +77,36 @@ class TlsState:
 
     def traffic_secret(self, label: str, client_random: bytes) -> bytes | None:
         return self.secrets.get((label, client_random))
+
+
+def client_hello_extension(client_hello: bytes, ext_type: int) -> bytes | None:
+    """The body of extension `ext_type` in a ClientHello handshake message
+    (RFC 8446 §4.1.2), or None when absent or the message is malformed."""
+    view = memoryview(client_hello)
+    try:
+        pos = 4 + 2 + 32  # msg_type, uint24 length; legacy_version, random
+        for length_size in (1, 2, 1):  # session id, cipher suites, compression
+            _, pos = _opaque(view, pos, length_size)
+        extensions, _ = _opaque(view, pos, 2)
+        pos = 0
+        while pos < len(extensions):
+            this_type = int.from_bytes(extensions[pos : pos + 2], "big")
+            body, pos = _opaque(extensions, pos + 2, 2)
+            if this_type == ext_type:
+                return bytes(body)
+    except ValueError:
+        pass
+    return None
+
+
+def _opaque(view: memoryview, pos: int, length_size: int) -> tuple[memoryview, int]:
+    end_of_length = pos + length_size
+    if end_of_length > len(view):
+        raise ValueError("truncated")
+    end = end_of_length + int.from_bytes(view[pos:end_of_length], "big")
+    if end > len(view):
+        raise ValueError("truncated")
+    return view[end_of_length:end], end
 
 
 class CredentialError(Exception):
