@@ -6,6 +6,11 @@
   python3 -m tests.lab build  [--refresh]                build/refresh the cache only
   python3 -m tests.lab clean                             remove the cache
 
+Every command but clean takes --image trixie|forky|forky-6.12 (default trixie:
+Debian 13's 6.12 kernel, upstream tlshd 1.0.0; forky: the newest 7.x kernel from
+trixie-backports, a forky root with upstream 1.4.0; forky-6.12: that root on
+6.12).  build --image all builds every image.
+
 Needs root (it installs qemu-system-x86, debootstrap, busybox-static, ... when
 missing).  The first call builds the cache (a few minutes); later calls boot
 in seconds.  The cache is $TLSHD_LAB_CACHE (default /var/cache/tlshd-lab).
@@ -21,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.lab.build import LabError, cache_dir, ensure_image, log
+from tests.lab.build import DEFAULT_PROFILE, PROFILES, LabError, cache_dir, ensure_image, log
 
 SHELL_SETUP = """#!/bin/sh
 lab pki >/dev/null && lab config >/dev/null && lab trace-on && lab start-daemon >/dev/null \\
@@ -51,20 +56,21 @@ def _daemon_lines(log_text: str, limit: int = 16) -> list[str]:
     return lines
 
 
-def demo(daemon: str) -> int:
+def demo(daemon: str, image: str = DEFAULT_PROFILE) -> int:
     from tests.lab.vm import run_guest
 
     out = Path(f"/tmp/tlshd-lab-demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    log(f"demo: booting the lab with {daemon} tlshd (results in {out})")
+    log(f"demo: booting the {image} lab with {daemon} tlshd (results in {out})")
     res = run_guest(
         "#!/bin/sh\nexec python3 /lab/run/nfs_scenarios.py tls_mount mtls_mount status_report\n",
         daemon=daemon,
         timeout=900,
         results_dir=out,
         echo=True,
+        image=image,
     )
     print("\n" + "=" * 78)
-    print(f"tlshd lab demo: {daemon} daemon, kernel {ensure_image().kernel.version}")
+    print(f"tlshd lab demo: {daemon} daemon, image {image}, kernel {res.kernel}")
     print(f"guest wall time {res.seconds:.0f}s (image check {res.build_seconds:.0f}s)")
     setup = res.scenario("setup") or {}
     if not setup.get("ok"):
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build or refresh the cached kernel/root/initramfs")
     b.add_argument("--refresh", action="store_true", help="re-resolve the newest kernel")
     b.add_argument("--extra", nargs="*", default=[], help="extra Debian packages")
+    b.add_argument("--image", choices=(*PROFILES, "all"), default=DEFAULT_PROFILE)
     sub.add_parser("clean", help="remove the whole cache")
     d = sub.add_parser("demo", help="NFS over TLS with our daemon, explained")
     d.add_argument("--daemon", choices=("ours", "upstream"), default="ours")
@@ -124,32 +131,38 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=int, default=900)
     r.add_argument("--results", type=Path)
     r.add_argument("--extra", nargs="*", default=[], help="extra Debian packages")
+    for p in (d, s, r):
+        p.add_argument("--image", choices=tuple(PROFILES), default=DEFAULT_PROFILE,
+                       help="image profile (default %(default)s)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
-            t0 = time.monotonic()
-            img = ensure_image(args.extra, refresh=args.refresh)
-            log(f"image ready in {time.monotonic() - t0:.0f}s: kernel {img.kernel.version}, "
-                f"root {img.root}, initramfs {img.initramfs}")  # fmt: skip
+            for name in PROFILES if args.image == "all" else (args.image,):
+                t0 = time.monotonic()
+                img = ensure_image(args.extra, refresh=args.refresh, image=name)
+                took = time.monotonic() - t0
+                log(f"image {name} ready in {took:.0f}s: kernel {img.kernel.version}, "
+                    f"root {img.root}, initramfs {img.initramfs}")  # fmt: skip
         elif args.cmd == "clean":
             d = cache_dir()
             log(f"removing {d}")
             shutil.rmtree(d, ignore_errors=True)
         elif args.cmd == "demo":
-            return demo(args.daemon)
+            return demo(args.daemon, args.image)
         elif args.cmd == "shell":
             from tests.lab.vm import run_guest
 
             script = "#!/bin/sh\ntrue\n" if args.bare else SHELL_SETUP
-            res = run_guest(script, daemon=args.daemon, interactive=True)
+            res = run_guest(script, daemon=args.daemon, interactive=True, image=args.image)
             print(f"results: {res.results_dir}")
         elif args.cmd == "run":
             from tests.lab.vm import run_guest
 
             res = run_guest(args.script.read_text(), daemon=args.daemon, timeout=args.timeout,
                             extra_packages=args.extra, results_dir=args.results,
-                            echo=True)  # fmt: skip
+                            echo=True, image=args.image)  # fmt: skip
             print(json.dumps({"returncode": res.returncode, "results_dir": str(res.results_dir),
+                              "image": res.image, "kernel": res.kernel,
                               "timed_out": res.timed_out, "timings": res.timings}))  # fmt: skip
             return 0 if res.returncode == 0 else 1
     except LabError as e:

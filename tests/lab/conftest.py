@@ -1,9 +1,10 @@
 """Fixtures of the real-kernel lab tests (``pytest -m lab``).
 
-One guest boot per daemon kind runs every NFS scenario in sequence
+One guest boot per image and daemon kind runs every NFS scenario in sequence
 (guest/nfs_scenarios.py); the tests assert on the JSON each scenario wrote.
-Results are kept in ``$TLSHD_LAB_RESULTS/<daemon>`` when that is set,
-otherwise in pytest's temporary directory (printed on failure).
+Results are kept in ``$TLSHD_LAB_RESULTS/<daemon>`` (``<image>-<daemon>`` for
+images other than trixie) when that is set, otherwise in pytest's temporary
+directory (printed on failure).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.vm import GuestResult, run_guest
+from tests.lab.vm import DEFAULT_PROFILE, GuestResult, results_subdir, run_guest
 
 NFS_SCRIPT = "#!/bin/sh\nexec python3 /lab/run/nfs_scenarios.py\n"
-_runs: dict[str, GuestResult] = {}
+_runs: dict[tuple[str, str], GuestResult] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,26 +43,29 @@ def tail(text: str, n: int = 40) -> str:
 
 
 @pytest.fixture(scope="session")
-def nfs_lab(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], GuestResult]:
-    """``nfs_lab(daemon)``: the (cached) guest run of all NFS scenarios."""
+def nfs_lab(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., GuestResult]:
+    """``nfs_lab(daemon, image="trixie")``: the (cached) guest run of all NFS scenarios."""
 
-    def get(daemon: str) -> GuestResult:
-        if daemon not in _runs:
+    def get(daemon: str, image: str = DEFAULT_PROFILE) -> GuestResult:
+        if (image, daemon) not in _runs:
             base = os.environ.get("TLSHD_LAB_RESULTS")
-            out = Path(base) / daemon if base else tmp_path_factory.mktemp(f"lab-{daemon}")
-            _runs[daemon] = run_guest(NFS_SCRIPT, daemon=daemon, timeout=1200, results_dir=out)
-        return _runs[daemon]
+            name = results_subdir(image, daemon)
+            out = Path(base) / name if base else tmp_path_factory.mktemp(f"lab-{name}")
+            _runs[image, daemon] = run_guest(NFS_SCRIPT, daemon=daemon, timeout=1200,
+                                             results_dir=out, image=image)  # fmt: skip
+        return _runs[image, daemon]
 
     return get
 
 
 @pytest.fixture
-def scenario(nfs_lab: Callable[[str], GuestResult]) -> Callable[[str, str], dict]:
-    """``scenario(daemon, name)``: that scenario's JSON, or a failure that says why."""
+def scenario(nfs_lab: Callable[..., GuestResult]) -> Callable[..., dict]:
+    """``scenario(daemon, name, image="trixie")``: that scenario's JSON, or a failure
+    that says why."""
 
-    def get(daemon: str, name: str) -> dict:
-        res = nfs_lab(daemon)
-        where = f"results in {res.results_dir}"
+    def get(daemon: str, name: str, image: str = DEFAULT_PROFILE) -> dict:
+        res = nfs_lab(daemon, image)
+        where = f"{image} image, kernel {res.kernel}, results in {res.results_dir}"
         data = res.scenario(name)
         if data is None:
             setup = res.scenario("setup") or {}

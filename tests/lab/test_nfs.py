@@ -1,7 +1,9 @@
 """NFS over TLS against the real kernel: our tlshd and upstream's, side by side.
 
-The guest boots once per daemon kind (see conftest.py); each test checks one
-scenario's JSON.  Run: ``pytest -m lab tests/lab`` (``-k ours`` for ours only).
+The guest boots once per image and daemon kind (see conftest.py); each test
+checks one scenario's JSON.  Run: ``pytest -m lab tests/lab`` (``-k ours`` for
+ours only, ``-k forky`` for the forky image only; tests/lab/README.md lists the
+images and which run in CI).
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.lab.vm import suite_runs
+
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
-DAEMONS = pytest.mark.parametrize("daemon", ["ours", "upstream"])
-Scenario = Callable[[str, str], dict]
+RUNS = pytest.mark.parametrize(("image", "daemon"), suite_runs())
+OURS = pytest.mark.parametrize("image", [image for image, _ in suite_runs(["ours"])])
+Scenario = Callable[..., dict]
 
 
 def why(sc: dict, *keys: str) -> str:
@@ -38,20 +43,20 @@ def assert_both_handshakes_ok(sc: dict) -> None:
     assert set(hs["failed_status"]) <= {-110}, why(sc, "hs", "handshakes")
 
 
-@DAEMONS
-def test_mount_xprtsec_tls(daemon: str, scenario: Scenario) -> None:
-    assert_mounted_io(scenario(daemon, "tls_mount"), "tls")
+@RUNS
+def test_mount_xprtsec_tls(image: str, daemon: str, scenario: Scenario) -> None:
+    assert_mounted_io(scenario(daemon, "tls_mount", image), "tls")
 
 
-@DAEMONS
-def test_mount_xprtsec_mtls(daemon: str, scenario: Scenario) -> None:
-    assert_mounted_io(scenario(daemon, "mtls_mount"), "mtls")
+@RUNS
+def test_mount_xprtsec_mtls(image: str, daemon: str, scenario: Scenario) -> None:
+    assert_mounted_io(scenario(daemon, "mtls_mount", image), "mtls")
 
 
-@DAEMONS
+@RUNS
 @pytest.mark.parametrize("name", ["tls_mount", "mtls_mount"])
-def test_ktls_carries_traffic(daemon: str, name: str, scenario: Scenario) -> None:
-    sc = scenario(daemon, name)
+def test_ktls_carries_traffic(image: str, daemon: str, name: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, name, image)
     assert sc["mount"]["rc"] == 0, why(sc, "mount")
     assert_both_handshakes_ok(sc)
     before, mounted = sc["tls_stat_before"], sc["tls_stat_mounted"]
@@ -63,9 +68,11 @@ def test_ktls_carries_traffic(daemon: str, name: str, scenario: Scenario) -> Non
     assert mounted.get("TlsDecryptError", 0) == before.get("TlsDecryptError", 0)
 
 
-@DAEMONS
-def test_mtls_export_refuses_client_without_cert(daemon: str, scenario: Scenario) -> None:
-    sc = scenario(daemon, "mtls_export_refuses_tls")
+@RUNS
+def test_mtls_export_refuses_client_without_cert(
+    image: str, daemon: str, scenario: Scenario
+) -> None:
+    sc = scenario(daemon, "mtls_export_refuses_tls", image)
     assert sc["refused"]["rc"] != 0, f"xprtsec=tls client mounted an mtls-only export: {why(sc)}"
     control = sc["control"]
     assert control["mount"]["rc"] == 0, (
@@ -75,18 +82,18 @@ def test_mtls_export_refuses_client_without_cert(daemon: str, scenario: Scenario
     assert control["io"]["read_back_same"], control["io"]
 
 
-@DAEMONS
-def test_wrong_server_name_is_eacces(daemon: str, scenario: Scenario) -> None:
-    sc = scenario(daemon, "wrong_server_name")
+@RUNS
+def test_wrong_server_name_is_eacces(image: str, daemon: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, "wrong_server_name", image)
     assert sc["mount"]["rc"] != 0, f"mount by a name not in the certificate worked: {why(sc)}"
     st = sc["client_statuses"]
     assert st, f"no completed client handshake: {why(sc, 'handshakes')}"
     assert all(s == -13 for s in st), f"client DONE status {st}, want -13 (EACCES): {why(sc)}"
 
 
-@DAEMONS
-def test_daemon_sigkill_and_restart(daemon: str, scenario: Scenario) -> None:
-    sc = scenario(daemon, "kill_restart")
+@RUNS
+def test_daemon_sigkill_and_restart(image: str, daemon: str, scenario: Scenario) -> None:
+    sc = scenario(daemon, "kill_restart", image)
     assert sc["killed_pid"], why(sc, "killed_pid")
     assert sc.get("restarted_pid"), why(sc, "restarted_pid", "error")
     after = sc["after"]
@@ -102,8 +109,9 @@ def test_daemon_sigkill_and_restart(daemon: str, scenario: Scenario) -> None:
     )
 
 
-def test_status_command_reports_the_handshakes(scenario: Scenario) -> None:
-    sc = scenario("ours", "status_report")
+@OURS
+def test_status_command_reports_the_handshakes(image: str, scenario: Scenario) -> None:
+    sc = scenario("ours", "status_report", image)
     assert sc["ok"], why(sc, "text_rc", "json_rc", "json_error", "error", "traceback")
     doc = sc["json"]
     # the scenario runs after kill_restart, whose later mount makes a client and

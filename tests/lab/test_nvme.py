@@ -4,8 +4,10 @@ One guest boot per daemon kind runs guest/nvme_scenarios.py: an nvmet target
 on 127.0.0.1:4420 with ``addr_tsas=tls1.3``, a PSK from ``nvme gen-tls-key
 --insert`` in ``.nvme``, ``nvme connect --tls``, I/O, ``nvme disconnect``; then
 two connects with a PSK the target does not share, and a final good connect.
-Run: ``pytest -m lab tests/lab/test_nvme.py`` (``-k upstream`` / ``-k ours``).
-Results stay in ``$TLSHD_LAB_RESULTS/nvme-<daemon>`` when that is set.
+Every image of ``suite_runs()`` (tests/lab/README.md), one boot per image and
+daemon.  Run: ``pytest -m lab tests/lab/test_nvme.py`` (``-k upstream`` /
+``-k ours`` / ``-k forky``).  Results stay in ``$TLSHD_LAB_RESULTS/nvme-<daemon>``
+(``<image>-nvme-<daemon>`` for images other than trixie) when that is set.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.vm import GuestResult, run_guest
+from tests.lab.vm import DEFAULT_PROFILE, GuestResult, results_subdir, run_guest, suite_runs
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
-DAEMONS = pytest.mark.parametrize("daemon", ["upstream", "ours"])
+RUNS = pytest.mark.parametrize(("image", "daemon"), suite_runs())
 SCRIPT = "#!/bin/sh\nexec python3 /lab/run/nvme_scenarios.py\n"
 QUEUES = 2  # admin + nr_io_queues=1, see guest/nvme_scenarios.py
 # DONE statuses (negated by the kernel) when host and target do not share the
@@ -31,7 +33,7 @@ QUEUES = 2  # admin + nr_io_queues=1, see guest/nvme_scenarios.py
 CLIENT_REFUSED = {-errno.EACCES, -errno.EKEYREJECTED, -errno.ETIMEDOUT}
 SERVER_REFUSED = {-errno.EACCES, -errno.EKEYREJECTED}
 FAST_FAIL_S = 5.0
-_runs: dict[str, GuestResult] = {}
+_runs: dict[tuple[str, str], GuestResult] = {}
 
 
 def tail(text: str, n: int = 40) -> str:
@@ -40,24 +42,22 @@ def tail(text: str, n: int = 40) -> str:
 
 @pytest.fixture(scope="module")
 def nvme_lab(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    def get(daemon: str) -> GuestResult:
-        if daemon not in _runs:
+    def get(daemon: str, image: str = DEFAULT_PROFILE) -> GuestResult:
+        if (image, daemon) not in _runs:
             base = os.environ.get("TLSHD_LAB_RESULTS")
-            out = (
-                Path(base) / f"nvme-{daemon}"
-                if base
-                else tmp_path_factory.mktemp(f"lab-nvme-{daemon}")
-            )
-            _runs[daemon] = run_guest(SCRIPT, daemon=daemon, timeout=600, results_dir=out)
-        return _runs[daemon]
+            name = results_subdir(image, f"nvme-{daemon}")
+            out = Path(base) / name if base else tmp_path_factory.mktemp(f"lab-{name}")
+            _runs[image, daemon] = run_guest(SCRIPT, daemon=daemon, timeout=600,
+                                             results_dir=out, image=image)  # fmt: skip
+        return _runs[image, daemon]
 
     return get
 
 
 @pytest.fixture
 def scenario(nvme_lab):  # type: ignore[no-untyped-def]
-    def get(daemon: str, name: str) -> dict:
-        res = nvme_lab(daemon)
+    def get(daemon: str, name: str, image: str = DEFAULT_PROFILE) -> dict:
+        res = nvme_lab(daemon, image)
         data = res.scenario(f"nvme_{name}")
         if data is None:
             setup = res.scenario("nvme_setup") or {}
@@ -69,7 +69,7 @@ def scenario(nvme_lab):  # type: ignore[no-untyped-def]
                 f"--- daemon-{daemon}.log\n{tail(res.text(f'daemon-{daemon}.log'))}\n"
                 f"--- console\n{tail(res.console_log.read_text(errors='replace'), 20)}"
             )
-        data["_where"] = f"results in {res.results_dir}"
+        data["_where"] = f"{image} image, kernel {res.kernel}, results in {res.results_dir}"
         data["_daemon_log"] = tail(res.text(f"daemon-{daemon}.log"), 30)
         return data
 
@@ -105,17 +105,17 @@ def assert_psk_handshakes(sc: dict) -> None:
     assert hs["cancelled"] == 0, why(sc, "hs", "handshakes")
 
 
-@DAEMONS
-def test_nvme_tls_connect_io_disconnect(daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
-    sc = scenario(daemon, "psk_connect")
+@RUNS
+def test_nvme_tls_connect_io_disconnect(image: str, daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
+    sc = scenario(daemon, "psk_connect", image)
     assert_good_connect(sc)
     assert_psk_handshakes(sc)
 
 
-@DAEMONS
-def test_nvme_remote_auth_is_the_psk_serial(daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
+@RUNS
+def test_nvme_remote_auth_is_the_psk_serial(image: str, daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
     """The host keeps DONE's REMOTE_AUTH as the controller's tls_key (sysfs)."""
-    sc = scenario(daemon, "psk_connect")
+    sc = scenario(daemon, "psk_connect", image)
     assert sc["connect"]["rc"] == 0, why(sc, "connect")
     want = sc["key"]["serial"]
     assert sc["tls_key_serial"] == want, (
@@ -123,9 +123,9 @@ def test_nvme_remote_auth_is_the_psk_serial(daemon: str, scenario) -> None:  # t
     )
 
 
-@DAEMONS
-def test_nvme_ktls_carries_the_queues(daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
-    sc = scenario(daemon, "psk_connect")
+@RUNS
+def test_nvme_ktls_carries_the_queues(image: str, daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
+    sc = scenario(daemon, "psk_connect", image)
     assert sc["connect"]["rc"] == 0, why(sc, "connect")
     before, conn, after = sc["tls_stat_before"], sc["tls_stat_connected"], sc["tls_stat_after"]
     # every queue: a host socket and a target socket, kTLS both directions
@@ -137,10 +137,10 @@ def test_nvme_ktls_carries_the_queues(daemon: str, scenario) -> None:  # type: i
     assert conn.get("TlsDecryptError", 0) == before.get("TlsDecryptError", 0), conn
 
 
-@DAEMONS
+@RUNS
 @pytest.mark.parametrize("name", ["wrong_secret", "unknown_identity"])
-def test_nvme_psk_mismatch_is_refused(daemon: str, name: str, scenario) -> None:  # type: ignore[no-untyped-def]
-    sc = scenario(daemon, name)
+def test_nvme_psk_mismatch_is_refused(image: str, daemon: str, name: str, scenario) -> None:  # type: ignore[no-untyped-def]
+    sc = scenario(daemon, name, image)
     a = sc["attempt"]
     assert "connected" in a, f"the bad-key helper did not get to connect: {why(sc, 'attempt')}"
     assert a["connected"] is False, (
@@ -158,9 +158,9 @@ def test_nvme_psk_mismatch_is_refused(daemon: str, name: str, scenario) -> None:
     assert sc["daemon_alive"], why(sc, "daemon_alive")
 
 
-@DAEMONS
-def test_nvme_reconnect_after_failures(daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
-    sc = scenario(daemon, "reconnect")
+@RUNS
+def test_nvme_reconnect_after_failures(image: str, daemon: str, scenario) -> None:  # type: ignore[no-untyped-def]
+    sc = scenario(daemon, "reconnect", image)
     assert_good_connect(sc)
     assert_psk_handshakes(sc)
     assert sc["tls_key_serial"] == sc["key"]["serial"], why(sc, "ctrl")

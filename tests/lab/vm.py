@@ -30,10 +30,50 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab.build import LAB, REPO, LabError, LabImage, ensure_image, log, run
+from tests.lab.build import (
+    DEFAULT_PROFILE,
+    LAB,
+    PROFILES,
+    REPO,
+    LabError,
+    LabImage,
+    ensure_image,
+    log,
+    run,
+)
 
 GUEST_DIR = LAB / "guest"
 DAEMONS = ("ours", "upstream")
+IMAGES = tuple(PROFILES)  # "trixie" (default), "forky", "forky-6.12"; see build.PROFILES
+# The images every scenario suite runs on, and the daemons on each.  Upstream is
+# the reference where it works: 1.0.0 on trixie, 1.4.0 on forky; on forky-6.12
+# upstream 1.4.0 fails every handshake (test_upstream_rsl.py proves it), so only
+# ours runs the suites there, and only in the full run (TLSHD_LAB_FULL=1,
+# scripts/test.sh --full); see tests/lab/README.md for the CI time budget.
+SUITE_RUNS: tuple[tuple[str, str], ...] = (
+    ("trixie", "ours"),
+    ("trixie", "upstream"),
+    ("forky", "ours"),
+    ("forky", "upstream"),
+)
+FULL_ONLY_RUNS: tuple[tuple[str, str], ...] = (("forky-6.12", "ours"),)
+
+
+def full_run() -> bool:
+    """True when the whole lab matrix is asked for (TLSHD_LAB_FULL=1)."""
+    return os.environ.get("TLSHD_LAB_FULL", "0") not in ("", "0")
+
+
+def suite_runs(daemons: Iterable[str] = DAEMONS) -> list[tuple[str, str]]:
+    """(image, daemon) pairs a scenario suite is parametrized over."""
+    runs = [*SUITE_RUNS, *(FULL_ONLY_RUNS if full_run() else ())]
+    wanted = set(daemons)
+    return [r for r in runs if r[1] in wanted]
+
+
+def results_subdir(image: str, name: str) -> str:
+    """Per-run results directory name: the default image keeps the bare name."""
+    return name if image == DEFAULT_PROFILE else f"{image}-{name}"
 
 
 @dataclass
@@ -47,6 +87,8 @@ class GuestResult:
     timed_out: bool = False
     build_seconds: float = 0.0  # time spent making sure the cached image is current
     timings: dict[str, float] = field(default_factory=dict)
+    image: str = DEFAULT_PROFILE  # the image profile that booted
+    kernel: str = ""  # its kernel's uname -r
 
     def text(self, name: str) -> str:
         p = self.results_dir / name
@@ -142,6 +184,7 @@ def run_guest(
     share_src: bool = False,
     install_project: bool = True,
     kernel_args: Iterable[str] = (),
+    image: str = DEFAULT_PROFILE,
 ) -> GuestResult:
     """Boot the lab guest once, run ``script`` (sh unless it has a #! line) as root.
 
@@ -153,37 +196,48 @@ def run_guest(
     stderr.  ``share_src`` also mounts the checkout read-only at /lab/src.
     ``kernel_args`` are appended to the kernel command line (e.g.
     ``lab.init=systemd``: boot systemd as PID 1, see guest/systemd-stage2.sh).
+    ``image`` picks the image profile (``IMAGES``): "trixie" (6.12 kernel, trixie
+    root, upstream 1.0.0), "forky" (newest 7.x kernel, forky root, upstream
+    1.4.0) or "forky-6.12" (the forky root on the 6.12 kernel); it is exported
+    as ``$LAB_IMAGE``.  ``extra_packages`` come from that profile's suite.
     """
     if daemon not in DAEMONS:
         raise ValueError(f"daemon must be one of {DAEMONS}")
-    image = ensure_image(extra_packages)
-    results = Path(results_dir) if results_dir else Path(tempfile.mkdtemp(prefix="tlshd-lab-"))
-    results.mkdir(parents=True, exist_ok=True)
-    console = results / "console.log"
-    timings = {"image": round(image.build_seconds, 2)}
-    with tempfile.TemporaryDirectory(prefix="tlshd-lab-run-") as td:
-        run_dir = Path(td)
-        t0 = time.monotonic()
-        if install_project:
-            build_project_wheel(run_dir / "wheels")
-        timings["wheel"] = round(time.monotonic() - t0, 2)
-        genv = {"LAB_DAEMON": daemon, "LAB_MODE": "shell" if interactive else "script"}
-        genv.update(env or {})
-        _prepare_run_dir(run_dir, script, genv)
-        cmd = qemu_command(image, run_dir, results, memory=memory, smp=smp,
-                           share_src=share_src, interactive=interactive,
-                           kernel_args=kernel_args)  # fmt: skip
-        t0 = time.monotonic()
-        timed_out = False
-        if interactive:
-            subprocess.run(cmd, check=False)
-        else:
-            timed_out = _run_logged(cmd, console, timeout, echo)
-        seconds = time.monotonic() - t0
+    if image not in IMAGES:
+        raise ValueError(f"image must be one of {IMAGES}")
+    lab_image = ensure_image(extra_packages, image=image)
+    try:  # the image's stages stay held (not prunable by other builds) until QEMU is gone
+        results = Path(results_dir) if results_dir else Path(tempfile.mkdtemp(prefix="tlshd-lab-"))
+        results.mkdir(parents=True, exist_ok=True)
+        console = results / "console.log"
+        timings = {"image": round(lab_image.build_seconds, 2)}
+        with tempfile.TemporaryDirectory(prefix="tlshd-lab-run-") as td:
+            run_dir = Path(td)
+            t0 = time.monotonic()
+            if install_project:
+                build_project_wheel(run_dir / "wheels")
+            timings["wheel"] = round(time.monotonic() - t0, 2)
+            genv = {"LAB_DAEMON": daemon, "LAB_MODE": "shell" if interactive else "script",
+                    "LAB_IMAGE": image}  # fmt: skip
+            genv.update(env or {})
+            _prepare_run_dir(run_dir, script, genv)
+            cmd = qemu_command(lab_image, run_dir, results, memory=memory, smp=smp,
+                               share_src=share_src, interactive=interactive,
+                               kernel_args=kernel_args)  # fmt: skip
+            t0 = time.monotonic()
+            timed_out = False
+            if interactive:
+                subprocess.run(cmd, check=False)
+            else:
+                timed_out = _run_logged(cmd, console, timeout, echo)
+            seconds = time.monotonic() - t0
+    finally:
+        lab_image.release()
     rcfile = results / "rc"
     rc = int(rcfile.read_text().strip()) if rcfile.is_file() else None
     timings["guest"] = round(seconds, 2)
-    return GuestResult(rc, results, console, seconds, timed_out, image.build_seconds, timings)
+    return GuestResult(rc, results, console, seconds, timed_out, lab_image.build_seconds, timings,
+                       image, lab_image.kernel.version)  # fmt: skip
 
 
 def _run_logged(cmd: list[str], console: Path, timeout: int, echo: bool) -> bool:
