@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from OpenSSL._util import lib
+from OpenSSL._util import ffi, lib
 from tlshd.workers import ktls, psk, tlsctx, verify
 from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY, TlsState
 
@@ -125,8 +125,21 @@ def _perform(
         _after_handshake(req)
         ctx.set_phase("ktls")
         cipher = _hand_off_to_ktls(req)
-    ctx.log.info("handshake with %s completed (%s)", req.peername or "peer", cipher)
-    return HandshakeResult(status=0, remote_auth=req.remote_auth, cipher=cipher)
+    group = _negotiated_group(req)
+    ctx.log.info("handshake with %s completed (%s, %s)", req.peername or "peer", cipher, group)
+    return HandshakeResult(
+        status=0, remote_auth=req.remote_auth, cipher=cipher, extra={"group": group}
+    )
+
+
+def _negotiated_group(req: _Request) -> str:
+    """The key exchange group (X25519MLKEM768 where both sides have ML-KEM;
+    OpenSSL's default groups offer it first and fall back to X25519), or
+    "psk_ke" for a PSK handshake without (EC)DHE."""
+    conn = req.conn
+    assert conn is not None
+    name = lib.SSL_get0_group_name(conn._ssl)
+    return ffi.string(name).decode() if name != ffi.NULL else "psk_ke"
 
 
 def _require_tcp(sock: socket.socket) -> None:
@@ -211,6 +224,7 @@ def _prepare_server_x509(req: _Request) -> None:
 
 def _prepare_client_psk(req: _Request) -> None:
     _resolve_peer_for_logs(req)
+    _log_accept_keyring(req)
     chosen = _first_usable_psk(req)
     context = tlsctx.new_context(req.state, psk.suites_for(chosen.hash_name))
     _refuse_certificates(context)
@@ -222,6 +236,7 @@ def _prepare_server_psk(req: _Request) -> None:
     # No certificate is loaded, so a handshake can only complete with a PSK; and
     # no VERIFY_PEER: OpenSSL then insists on a session id context for "resumption".
     _resolve_peer_for_logs(req)
+    _log_accept_keyring(req)
     context = tlsctx.new_context(req.state, psk.SERVER_PSK_SUITES)
     context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
     keys, keyring = req.ctx.keys, req.params.keyring
@@ -235,6 +250,13 @@ def _prepare_server_psk(req: _Request) -> None:
 
     psk.install_server_psk(context, req.state, search)
     _new_connection(req, context)
+
+
+def _log_accept_keyring(req: _Request) -> None:
+    # Linux 6.17+ names the consumer's keyring (nvme connect --keyring); its
+    # keys are this request's alone (supervisor/keyservice.RequestScope)
+    if req.params.keyring:
+        req.log.debug("ACCEPT keyring %d", req.params.keyring)
 
 
 def _resolve_peer_for_logs(req: _Request) -> None:
