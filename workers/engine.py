@@ -316,6 +316,8 @@ def _use_local_certificate(
     if creds.cert_chain_pem is None or creds.private_key_pem is None:
         raise tlsctx.CredentialError(f"no {role} certificate or private key configured")
     tlsctx.use_pem_credentials(context, creds.cert_chain_pem, creds.private_key_pem)
+    if creds.pq_cert_chain_pem is not None and creds.pq_private_key_pem is not None:
+        tlsctx.use_pq_credentials(context, creds.pq_cert_chain_pem, creds.pq_private_key_pem)
 
 
 _PREPARERS: dict[tuple[int, int], Callable[[_Request], None]] = {

@@ -207,6 +207,30 @@ def _parse_pem_credentials(
     return tuple(certs), key
 
 
+def use_pq_credentials(ctx: SSL.Context, chain_pem: bytes, key_pem: bytes) -> None:
+    """Add an ML-DSA pair beside the classic one (x509.pq.*).
+
+    OpenSSL keeps one certificate per key type and, as a server (or a client
+    asked for a certificate), presents the first the peer's
+    signature_algorithms accept: ML-DSA for peers offering it (OpenSSL 3.5+,
+    GnuTLS 3.8.x), the classic one for others.  pyOpenSSL's use_privatekey
+    takes no ML-DSA key (cryptography's is "unsupported", its own PKey is
+    deprecated), so the key is read by OpenSSL from PEM and installed with
+    SSL_CTX_use_PrivateKey, which pairs it with the certificate just set.
+    Intermediates of the PQ chain join the shared extra chain."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        ctx.use_certificate(certs[0])
+        if lib.SSL_CTX_use_PrivateKey(ctx._context, key._pkey) != 1:
+            raise ValueError("OpenSSL refused the key (SSL_CTX_use_PrivateKey)")
+        ctx.check_privatekey()
+        for extra in certs[1:]:
+            ctx.add_extra_chain_cert(extra)
+    except (SSL.Error, crypto.Error, TypeError, ValueError, IndexError) as err:
+        raise CredentialError(f"ML-DSA certificate and key unusable: {err}") from err
+
+
 def use_der_credentials(ctx: SSL.Context, cert_der: bytes, key_der: bytes) -> None:
     """One DER certificate and one DER private key, as keyring payloads carry them."""
     try:
