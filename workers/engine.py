@@ -514,12 +514,27 @@ def _after_handshake(req: _Request) -> None:
     if version != "TLSv1.3":
         raise HandshakeFailure(errno.EIO, f"negotiated {version}, kTLS consumers need TLSv1.3")
     mode = req.params.auth_mode
+    _log_peer_certificate(req)
     if mode == AuthMode.PSK:
         _check_psk_used(req)
     elif mode == AuthMode.X509 and req.is_server:
         req.remote_auth = _server_x509_peer_ids(conn)
     elif mode == AuthMode.X509:
         req.remote_auth = _client_x509_peer_ids(req)
+
+
+def _log_peer_certificate(req: _Request) -> None:
+    """Which certificate the peer chose to present (x509.pq.* lets it pick
+    ML-DSA or classic by signature_algorithms), for the debug log."""
+    conn = req.conn
+    assert conn is not None
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    if cert is not None:
+        req.log.debug(
+            "peer certificate %s, %s",
+            cert.subject.rfc4514_string(),
+            type(cert.public_key()).__name__,
+        )
 
 
 def _check_psk_used(req: _Request) -> None:
