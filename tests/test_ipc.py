@@ -230,6 +230,8 @@ def test_ipc_key_service_errors_and_deadline(pair) -> None:  # type: ignore[no-u
         b'{"op":"phase","n":NaN}',
         b'{"op":"phase","n":-Infinity}',
         b'{"op":"phase","n":' + b"9" * 5000 + b"}",  # over int's str-digits limit
+        b'{"op":[]}',  # unhashable op (found by test_fuzz_ipc)
+        b'{"op":{}}',
     ],
 )
 def test_decode_turns_every_hostile_input_into_ipc_error(data: bytes) -> None:

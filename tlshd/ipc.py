@@ -96,7 +96,7 @@ def decode(data: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
         raise IpcError("not a JSON object")
     _check_tree(message)
     op = message.get("op")
-    if op not in allowed_ops:
+    if not isinstance(op, str) or op not in allowed_ops:  # a list is unhashable
         raise IpcError(f"unknown op {op!r}")
     return message
 
