@@ -192,7 +192,12 @@ class Arbiter:
         fd_limit = raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphaned workers go to init")
-        # The zygote first: its imports and warm-up are the longest part of
+        # tls.ko and the kernel's kTLS capabilities before the zygote: it and
+        # every worker inherit what ensure_tls_module() found (whether
+        # TLS_TX_MAX_PAYLOAD_LEN exists), and a worker cannot probe it itself.
+        if self.prepare_kernel is not None:
+            self.prepare_kernel()
+        # Then the zygote: its imports and warm-up are the longest part of
         # start-up, and they overlap with the rest of it on another CPU.
         self.spawn_zygote()
         try:
@@ -205,8 +210,6 @@ class Arbiter:
         self.signals.install()
         self.selector.register(self.signals.fileno(), selectors.EVENT_READ, lambda _ev: None)
         self.status.open()
-        if self.prepare_kernel is not None:
-            self.prepare_kernel()
         self.broker.set_limits(self.config.pool.max_queued, fd_limit, open_fd_count())
         self.accepting = True
 

@@ -161,9 +161,10 @@ def _log_completion(request: Request, result: HandshakeResult, latency_s: float)
     detail = f": {result.detail}" if result.detail else ""
     if result.status == 0:
         request.log.info(
-            "%s handshake succeeded, cipher %s, %.1f ms (%s)",
+            "%s handshake succeeded, cipher %s, group %s, %.1f ms (%s)",
             request.role,
             result.cipher or "?",
+            result.group or "?",
             latency_s * 1000,
             worker,
         )

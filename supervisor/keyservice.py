@@ -8,11 +8,23 @@ the same object is a plain `KeyService` for in-process use.
 Where PSKs are searched
     Each served keyring is searched on its own with KEYCTL_SEARCH, in this
     order: the keyring named in the request's ACCEPT, ``.nvme``, ``.nfs``,
-    ``.nfsd``, the configured ``[authenticate] keyrings``, then the process and
-    session keyrings.  Names are resolved again at every search (a cached
+    ``.nfsd``, the configured ``[authenticate] keyrings``, then the session
+    keyring.  Names are resolved again at every search (a cached
     serial is re-checked with KEYCTL_DESCRIBE, a miss re-reads /proc/keys), so
     ``.nfs``/``.nfsd``, which appear only when nfs.ko/nfsd.ko load, are found
     without a reload.
+
+The ACCEPT keyring belongs to its request alone
+    Since Linux 6.17 ACCEPT names the consumer's keyring (HANDSHAKE_A_ACCEPT_
+    KEYRING: ``nvme connect --keyring``, an nvmet port keyring).  A request's
+    worker may search that keyring (RequestScope.keyring); no other request
+    may.  The kernel links every such keyring into the accepting process's
+    *process* keyring (tls_handshake_private_keyring), and so do we to possess
+    its keys, and KEYCTL_SEARCH descends into linked keyrings: so the process
+    keyring, which collects the keyrings of every request ever accepted, is
+    never searched.  Before 6.17 the kernel links the consumer keyring
+    without naming it; such a keyring must be listed in ``keyrings=``, as
+    upstream requires.
 
 Why not upstream's session-keyring links
     Upstream links every served keyring into the *session* keyring and, per
@@ -223,13 +235,16 @@ class SupervisorKeyService:
         self._linked.add(ring)
 
     def served_keyrings(self, request_keyring: int | None = None) -> list[int]:
-        """Keyrings searched for PSKs, in order, each at most once."""
+        """Keyrings searched for PSKs, in order, each at most once.
+
+        Not the process keyring: it holds links to the ACCEPT keyrings of all
+        past requests (see the module docstring)."""
         rings: list[int] = []
         if request_keyring:
             rings.append(request_keyring)
         resolved = self._resolve_all()
         rings += [resolved[name] for name in self.keyring_names if name in resolved]
-        rings += [kr.KEY_SPEC_PROCESS_KEYRING, kr.KEY_SPEC_SESSION_KEYRING]
+        rings.append(kr.KEY_SPEC_SESSION_KEYRING)
         return list(dict.fromkeys(rings))
 
     def _possess_served(self, request_keyring: int | None = None) -> list[int]:
@@ -240,24 +255,27 @@ class SupervisorKeyService:
 
     # --- KeyService ----------------------------------------------------------
 
-    def read_key(self, serial: int) -> KeyMaterial:
-        """Payload and description of key `serial`; KeyServiceError on failure."""
+    def read_key(self, serial: int, request_keyring: int | None = None) -> KeyMaterial:
+        """Payload and description of key `serial`; KeyServiceError on failure.
+
+        `request_keyring`, the ACCEPT's keyring, is possessed too if reading
+        needs possession (a key only its possessor may read, in that keyring)."""
         try:
-            payload = self._read_possessed(serial)
+            payload = self._read_possessed(serial, request_keyring)
             description = kr.describe_key(serial).description
         except kr.KeyringError as exc:
             err = exc.errno if exc.errno in _KEY_ERRNOS else errno.EIO
             raise KeyServiceError(str(exc), err) from None
         return KeyMaterial(serial, description.rsplit(";", 1)[-1], payload)
 
-    def _read_possessed(self, serial: int) -> bytes:
+    def _read_possessed(self, serial: int, request_keyring: int | None) -> bytes:
         try:
             return kr.read_key(serial)
         except kr.KeyringError as exc:
             if exc.errno != errno.EACCES:
                 raise
         # readable only by a possessor: take possession of the served keyrings
-        self._possess_served()
+        self._possess_served(request_keyring)
         return kr.read_key(serial)
 
     def search_psks(self, identities: Sequence[str], keyring: int | None) -> KeyMaterial | None:
@@ -275,7 +293,7 @@ class SupervisorKeyService:
                 if serial is None:
                     continue
                 try:
-                    return self.read_key(serial)
+                    return self.read_key(serial, keyring)
                 except KeyServiceError as exc:
                     log.warning("PSK %r (key %d) found but unreadable: %s", identity, serial, exc)
         return None
@@ -320,7 +338,7 @@ class SupervisorKeyService:
             log.warning("worker asked for key %d, which its request did not name", serial)
             return KeyReply.failure(errno.EACCES, serial)
         try:
-            return KeyReply.of(self.read_key(serial))
+            return KeyReply.of(self.read_key(serial, scope.keyring))
         except KeyServiceError as exc:
             return KeyReply.failure(exc.errno, serial)
 

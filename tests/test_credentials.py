@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.helpers.certs import DAY, cert_pem, issue_cert, key_pem, make_key, name
@@ -306,11 +306,61 @@ def test_check_half_configured_role(pki: Pki) -> None:
     assert "x509.certificate is set but x509.private_key is not" in found[0].message
 
 
-def test_check_pq_keys_warn(pki: Pki) -> None:
-    findings = check_config(load_config(pki.config(x509_pq_certificate="/etc/pq.pem")))
-    (warn,) = warnings(findings)
-    assert warn.key == ConfigKey("authenticate.server", "x509.pq.certificate")
-    assert "not supported by this implementation" in warn.message
+def write_pq_pair(pki: Pki, key: object | None = None) -> tuple[str, str, object]:
+    """An ML-DSA-65 server leaf from the test intermediate: (cert, key, key object)."""
+    pq_key = mldsa.MLDSA65PrivateKey.generate()
+    leaf = issue_cert(
+        "server.example",
+        pq_key,
+        ("Test Intermediate", pki.int_key),
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        sans=[x509.DNSName("server.example")],
+    )
+    cert = write(pki.root / "server-mldsa.pem", cert_pem(leaf, pki.intermediate))
+    stored = key if key is not None else pq_key
+    keyfile = write(pki.root / "server-mldsa.key", key_pem(stored), 0o600)  # type: ignore[arg-type]
+    return cert, keyfile, pq_key
+
+
+def test_pq_pair_loads_and_checks_clean(pki: Pki) -> None:
+    cert, key, _ = write_pq_pair(pki)
+    config = load_config(pki.config(x509_pq_certificate=cert, x509_pq_private_key=key))
+    findings = check_config(config)
+    assert not errors(findings), messages(findings)
+    assert not [f for f in findings if "pq" in str(f.key)], messages(findings)
+    server = load_credentials(config).server
+    assert server.pq_cert_chain_pem is not None and server.pq_private_key_pem is not None
+    assert b"BEGIN PRIVATE KEY" in server.pq_private_key_pem
+    assert server.cert_chain_pem != server.pq_cert_chain_pem
+
+
+def test_pq_pair_half_configured(pki: Pki) -> None:
+    cert, _key, _ = write_pq_pair(pki)
+    config = load_config(pki.config(x509_pq_certificate=cert))
+    found = errors(check_config(config))
+    assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.pq.private_key")]
+    with pytest.raises(CredentialsError, match=r"x509\.pq\.certificate is set"):
+        load_credentials(config)
+
+
+def test_pq_key_must_be_ml_dsa(pki: Pki) -> None:
+    cert, key, _ = write_pq_pair(pki, key=make_key())
+    config = load_config(pki.config(x509_pq_certificate=cert, x509_pq_private_key=key))
+    found = errors(check_config(config))
+    assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.pq.private_key")]
+    assert "not an ML-DSA key" in found[0].message
+    with pytest.raises(CredentialsError, match="not an ML-DSA key"):
+        load_credentials(config)
+
+
+def test_pq_key_must_match_its_certificate(pki: Pki) -> None:
+    cert, key, _ = write_pq_pair(pki, key=mldsa.MLDSA65PrivateKey.generate())
+    config = load_config(pki.config(x509_pq_certificate=cert, x509_pq_private_key=key))
+    found = errors(check_config(config))
+    assert [f.key for f in found] == [ConfigKey("authenticate.server", "x509.pq.private_key")]
+    assert "does not match" in found[0].message
+    with pytest.raises(CredentialsError, match="does not match"):
+        load_credentials(config)
 
 
 def test_check_url_key_is_error(pki: Pki) -> None:

@@ -240,8 +240,45 @@ def test_unknown_identity_is_ekeyrejected() -> None:
     server_keys.add(ID_SHA384.replace("target", "elsewhere"), key)
     client, server, client_calls, server_calls = run_pair(client_keys, (serial,), server_keys)
     assert client.status == errno.EKEYREJECTED, client
-    assert server.status == errno.EACCES, server
+    assert server.status == errno.EKEYREJECTED, server
     assert client_calls == server_calls == []
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("key_len", [32, 48])
+def test_server_unknown_identity_openssl_is_ekeyrejected(tmp_path: Path, key_len: int) -> None:
+    """openssl s_client offers an identity we hold no key for: we answer
+    unknown_psk_identity (the client sees it) and report EKEYREJECTED."""
+    identity, key, suite = psk_case(key_len)
+    keys = FakeKeys()
+    keys.add(identity.replace("target", "elsewhere"), key)
+    listener = loopback_listener()
+    with openssl_client(
+        openssl_psk_args(tmp_path, identity, key, suite), tmp_path / "c.log", listener
+    ) as peer:
+        ctx, capture, _ = engine_context(keys=keys)
+        result = perform_handshake(peer.sock, server_params(peer.sock), ctx)
+        assert result.status == errno.EKEYREJECTED, result
+        assert capture.calls == []
+        assert keys.searches == [((identity,), KEYRING)]
+        assert "unknown psk identity" in peer.wait_output("alert").lower()
+    listener.close()
+
+
+@pytest.mark.peers
+def test_client_identity_refused_without_the_alert_is_eacces(tmp_path: Path) -> None:
+    """openssl s_server knows only another identity and fails the handshake
+    with handshake_failure, not unknown_psk_identity: nothing says our key is
+    stale, so the status stays EACCES."""
+    identity, key, suite = psk_case(32)
+    keys = FakeKeys()
+    serial = keys.add(identity, key)
+    args = [*openssl_psk_args(tmp_path, "some other identity", key, suite), "-nocert"]
+    with openssl_server(args, tmp_path / "s.log") as peer:
+        ctx, capture, _ = engine_context(keys=keys)
+        result = perform_handshake(peer.sock, client_params(peer.sock, (serial,)), ctx)
+        assert result.status == errno.EACCES, result
+        assert capture.calls == []
 
 
 def test_wrong_key_is_eacces() -> None:

@@ -180,7 +180,7 @@ def test_psk_identity_over_1024_characters_is_looked_up_not_killed() -> None:
     with FakeKernel() as kernel, psk_daemon(kernel) as daemon:
         request, alert = hostile_psk_client(kernel, [b"x" * 2000])
         assert alert == ALERT_UNKNOWN_PSK_IDENTITY
-        assert request.wait_done(30) == (errno.EACCES, ())
+        assert request.wait_done(30) == (errno.EKEYREJECTED, ())
         daemon.wait_for_log("TEST psk_search: 1 identities, longest 2000")
         assert_not_killed(daemon)
 
@@ -188,7 +188,7 @@ def test_psk_identity_over_1024_characters_is_looked_up_not_killed() -> None:
 def test_psk_identity_longer_than_any_key_description_is_not_asked_for() -> None:
     with FakeKernel() as kernel, psk_daemon(kernel) as daemon:
         request, _alert = hostile_psk_client(kernel, [b"y" * 5000])
-        assert request.wait_done(30) == (errno.EACCES, ())
+        assert request.wait_done(30) == (errno.EKEYREJECTED, ())
         assert "TEST psk_search" not in daemon.log()
         assert_not_killed(daemon)
 
@@ -199,7 +199,7 @@ def test_1400_identities_are_one_capped_search() -> None:
     with FakeKernel() as kernel, psk_daemon(kernel) as daemon:
         request, alert = hostile_psk_client(kernel, [b"i%04d" % i for i in range(1400)])
         assert alert == ALERT_UNKNOWN_PSK_IDENTITY
-        assert request.wait_done(30) == (errno.EACCES, ())
+        assert request.wait_done(30) == (errno.EKEYREJECTED, ())
         text = daemon.log()
         assert text.count("TEST psk_search") == 1, text
         assert f"TEST psk_search: {ipc.MAX_PSK_IDENTITIES} identities" in text
@@ -226,7 +226,7 @@ def test_server_psk_engine_searches_once_for_the_offered_identities() -> None:
     sender.join()
     client.close()
     server.close()
-    assert result.status == errno.EACCES
+    assert result.status == errno.EKEYREJECTED
     assert keys.searches == [(("first", "third"), 77)]
 
 

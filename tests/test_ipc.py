@@ -82,7 +82,9 @@ def test_encode_refuses_oversized() -> None:
         ({"status": 0, "remote_auth": "1"}, False),
         ({"status": 0, "cipher": 5}, False),
         ({"status": 0, "detail": "x" * 5000}, False),
-        ({"status": 0, "extra": {}}, False),  # no field beyond the four
+        ({"status": 0, "extra": {}}, False),  # no field beyond the five
+        ({"status": 0, "group": "X25519MLKEM768"}, True),
+        ({"status": 0, "group": 7}, False),
     ],
 )
 def test_check_result(result: dict, ok: bool) -> None:  # type: ignore[type-arg]
@@ -230,6 +232,8 @@ def test_ipc_key_service_errors_and_deadline(pair) -> None:  # type: ignore[no-u
         b'{"op":"phase","n":NaN}',
         b'{"op":"phase","n":-Infinity}',
         b'{"op":"phase","n":' + b"9" * 5000 + b"}",  # over int's str-digits limit
+        b'{"op":[]}',  # unhashable op (found by test_fuzz_ipc)
+        b'{"op":{}}',
     ],
 )
 def test_decode_turns_every_hostile_input_into_ipc_error(data: bytes) -> None:

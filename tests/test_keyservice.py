@@ -242,13 +242,63 @@ def test_search_misses(
     assert svc.search_psks([unserved_ident], None) is None  # only served keyrings
 
 
-def test_search_own_process_keyring(
+def test_process_keyring_is_not_searched(
     scratch: int, services: Callable[..., SupervisorKeyService]
 ) -> None:
+    """The process keyring collects the ACCEPT keyrings of past requests (the
+    kernel links each there); searching it would hand one request's keys to
+    every other request."""
     ident = unique("id")
-    serial = kr.add_key("user", ident, b"mine", scratch)
-    found = services([]).search_psks([ident], None)
-    assert found is not None and found.serial == serial
+    kr.add_key("user", ident, b"someone else's", scratch)
+    assert services([]).search_psks([ident], None) is None
+
+
+# --- the ACCEPT keyring (HANDSHAKE_A_ACCEPT_KEYRING, Linux 6.17) ---------------
+
+
+def test_accept_keyring_serves_its_request_only(
+    foreign: Callable[[str], Foreign], services: Callable[..., SupervisorKeyService]
+) -> None:
+    """A PSK that lives only in a request's keyring is found for that request;
+    later requests, with another keyring or none, do not find it, even after
+    the keyring was linked into our process keyring (as the kernel links it at
+    ACCEPT time and as we link it to possess its keys)."""
+    ident = unique("NVMe0R01")
+    ring = foreign(nvme_like_script(unique(), ("key", ident, "tenant psk")))
+    other = foreign(nvme_like_script(unique()))
+    svc = services([])
+
+    mine = RequestScope(keyring=ring["ring"], psk_search=True)
+    reply = svc.answer(mine, psk_search(ident, keyring=ring["ring"]))
+    assert (reply.ok, reply.serial, reply.payload) == (True, ring["key"], b"tenant psk")
+    assert ring["ring"] in ring_contents(kr.resolve_keyring("@p"))
+
+    no_keyring = svc.answer(RequestScope(psk_search=True), psk_search(ident))
+    assert (no_keyring.ok, no_keyring.errno) == (False, errno.ENOKEY)
+    other_scope = RequestScope(keyring=other["ring"], psk_search=True)
+    own_ring = svc.answer(other_scope, psk_search(ident, keyring=other["ring"]))
+    assert (own_ring.ok, own_ring.errno) == (False, errno.ENOKEY)
+    borrowed = svc.answer(
+        RequestScope(keyring=other["ring"], psk_search=True),
+        psk_search(ident, keyring=ring["ring"]),
+    )
+    assert (borrowed.ok, borrowed.errno) == (False, errno.EACCES)
+
+
+def test_key_read_possesses_the_accept_keyring(
+    foreign: Callable[[str], Foreign], services: Callable[..., SupervisorKeyService]
+) -> None:
+    """Client role (nvme connect --keyring): ACCEPT names the key by serial and
+    its keyring; the key grants non-possessors only view, so reading it needs
+    possession of that keyring, which is not a served one."""
+    ring = foreign(nvme_like_script(unique(), ("key", unique("NVMe0R01"), "host psk")))
+    assert kr.describe_key(ring["key"]).perm == DEFAULT_KEY_PERM
+    svc = services([])
+    without = svc.answer(RequestScope(frozenset({ring["key"]})), key_read(ring["key"]))
+    assert (without.ok, without.errno) == (False, errno.EACCES)
+    scope = RequestScope(frozenset({ring["key"]}), keyring=ring["ring"])
+    reply = svc.answer(scope, key_read(ring["key"]))
+    assert (reply.ok, reply.payload) == (True, b"host psk")
 
 
 def test_served_keyrings_order(
@@ -261,7 +311,6 @@ def test_served_keyrings_order(
         12345,
         fa["ring"],
         fb["ring"],
-        kr.KEY_SPEC_PROCESS_KEYRING,
         kr.KEY_SPEC_SESSION_KEYRING,
     ]
 

@@ -37,7 +37,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -62,6 +62,8 @@ _PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----",
 # Key types a TLS 1.3 signature algorithm exists for.
 _TLS13_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
                ed448.Ed448PrivateKey)  # fmt: skip
+# ML-DSA (FIPS 204) keys for x509.pq.*: TLS 1.3 signature schemes 0x0904-0x0906
+_PQ_KEYS = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey, mldsa.MLDSA87PrivateKey)
 _EXPIRY_WARNING = datetime.timedelta(days=30)
 
 log = logging.getLogger("tlshd")
@@ -85,6 +87,10 @@ class RoleCredentials:
     private_key_pem: bytes | None = None
     truststore_pem: bytes | None = None  # None: use the system trust store
     crl_pem: bytes | None = None  # None: no CRL check
+    # x509.pq.*: an ML-DSA pair beside the classic one; OpenSSL presents the
+    # one the peer's signature_algorithms allow (ML-DSA first if both)
+    pq_cert_chain_pem: bytes | None = None
+    pq_private_key_pem: bytes | None = None
     # Non-empty only from load_credentials_partial: the role is unusable for
     # x509 and its handshakes must fail (EIO) rather than fall back.
     errors: tuple[str, ...] = ()
@@ -141,15 +147,20 @@ def parse_certificates(data: bytes, path: str, label: ConfigKey) -> list[x509.Ce
     return certs
 
 
-def parse_private_key(data: bytes, path: str, label: ConfigKey) -> PrivateKeyTypes:
-    """The PEM private key in `data`; CredentialsError if it is unusable for TLS 1.3."""
+def parse_private_key(
+    data: bytes, path: str, label: ConfigKey, *, pq: bool = False
+) -> PrivateKeyTypes:
+    """The PEM private key in `data`; CredentialsError if it is unusable for TLS
+    1.3 (`pq`: unless it is an ML-DSA key, what x509.pq.private_key holds)."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise CredentialsError(path, label, "encrypted private keys are not supported") from None
     except (ValueError, UnsupportedAlgorithm) as err:
         raise CredentialsError(path, label, f"not a PEM private key: {err}") from None
-    if not isinstance(key, _TLS13_KEYS):
+    if pq and not isinstance(key, _PQ_KEYS):
+        raise CredentialsError(path, label, f"not an ML-DSA key but {type(key).__name__}")
+    if not pq and not isinstance(key, _TLS13_KEYS):
         raise CredentialsError(path, label, f"{type(key).__name__} keys cannot sign in TLS 1.3")
     return key
 
@@ -191,33 +202,61 @@ def _pem(objects: list[x509.Certificate] | list[x509.CertificateRevocationList])
     return b"".join(o.public_bytes(serialization.Encoding.PEM) for o in objects)
 
 
-def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
-    """Strict load of one role's files; raises CredentialsError."""
-    chain_pem = key_pem = trust_pem = crl_pem = None
+def _load_pair(
+    role: str, cert_path: str | None, key_path: str | None, pq: bool
+) -> tuple[bytes | None, bytes | None]:
+    """(chain PEM, PKCS#8 key PEM) of x509.certificate/private_key, or with `pq`
+    of x509.pq.certificate/pq.private_key; raises CredentialsError."""
+    prefix = "x509.pq." if pq else "x509."
+    chain_pem = key_pem = None
     chain: list[x509.Certificate] = []
-    if rc.certificate:
-        chain, chain_pem = _load_pem_file(
-            role, "x509.certificate", rc.certificate, parse_certificates
+    if pq and bool(cert_path) != bool(key_path):
+        have, missing = (
+            ("certificate", "private_key") if cert_path else ("private_key", "certificate")
         )
-    if rc.private_key:
-        label = key_label(role, "x509.private_key")
-        _reject_url(rc.private_key, label)
-        key = parse_private_key(read_file(rc.private_key, label), rc.private_key, label)
-        _warn_if_key_exposed(rc.private_key, label)
+        raise CredentialsError(
+            cert_path or key_path or "",
+            key_label(role, prefix + missing),
+            f"missing: {prefix}{have} is set but {prefix}{missing} is not",
+        )
+    if cert_path:
+        chain, chain_pem = _load_pem_file(
+            role, prefix + "certificate", cert_path, parse_certificates
+        )
+    if key_path:
+        label = key_label(role, prefix + "private_key")
+        _reject_url(key_path, label)
+        key = parse_private_key(read_file(key_path, label), key_path, label, pq=pq)
+        _warn_if_key_exposed(key_path, label)
         if chain and not key_matches_certificate(key, chain[0]):
             raise CredentialsError(
-                rc.private_key, label, f"does not match the certificate in {rc.certificate}"
+                key_path, label, f"does not match the certificate in {cert_path}"
             )
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+    return chain_pem, key_pem
+
+
+def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
+    """Strict load of one role's files; raises CredentialsError."""
+    trust_pem = crl_pem = None
+    chain_pem, key_pem = _load_pair(role, rc.certificate, rc.private_key, pq=False)
+    pq_chain_pem, pq_key_pem = _load_pair(role, rc.pq_certificate, rc.pq_private_key, pq=True)
     if rc.truststore:
         _, trust_pem = _load_pem_file(role, "x509.truststore", rc.truststore, parse_certificates)
     if rc.crl:
         _, crl_pem = _load_pem_file(role, "x509.crl", rc.crl, parse_crls)
-    return RoleCredentials(chain_pem, key_pem, trust_pem, crl_pem)
+    return RoleCredentials(
+        chain_pem,
+        key_pem,
+        trust_pem,
+        crl_pem,
+        pq_cert_chain_pem=pq_chain_pem,
+        pq_private_key_pem=pq_key_pem,
+    )
 
 
 def _load_pem_file(
@@ -296,14 +335,7 @@ def check_credentials(config: Config) -> list[Finding]:
 def _check_role(out: _Findings, config: Config, role: str) -> None:
     rc = config.role(role)
     cfg = config.path or "<config>"
-    for pq_key in ("x509.pq.certificate", "x509.pq.private_key"):
-        if getattr(rc, pq_key.replace("x509.", "").replace(".", "_")):
-            out.warning(
-                cfg,
-                key_label(role, pq_key),
-                "not supported by this implementation (OpenSSL from the cryptography "
-                "wheel); the classic x509.certificate is used",
-            )
+    _check_pq_pair(out, role, rc, cfg)
     if bool(rc.certificate) != bool(rc.private_key):
         have, missing = (
             ("x509.certificate", "x509.private_key")
@@ -327,6 +359,45 @@ def _check_role(out: _Findings, config: Config, role: str) -> None:
             _check_chain(out, role, rc.certificate or "", chain, trust)
     if crls:
         _check_crls(out, role, rc.crl or "", crls, trust)
+
+
+def _check_pq_pair(out: _Findings, role: str, rc: RoleConfig, cfg: str) -> None:
+    """x509.pq.*: both or neither, an ML-DSA key matching the certificate."""
+    if not (rc.pq_certificate or rc.pq_private_key):
+        return
+    if bool(rc.pq_certificate) != bool(rc.pq_private_key):
+        have, missing = (
+            ("x509.pq.certificate", "x509.pq.private_key")
+            if rc.pq_certificate
+            else ("x509.pq.private_key", "x509.pq.certificate")
+        )
+        out.error(cfg, key_label(role, missing), f"missing: {have} is set but {missing} is not")
+    chain = _check_file(out, role, "x509.pq.certificate", rc.pq_certificate, parse_certificates)
+    key = None
+    if rc.pq_private_key:
+        label = key_label(role, "x509.pq.private_key")
+        try:
+            _reject_url(rc.pq_private_key, label)
+            _check_path(out, rc.pq_private_key, label, secret=True)
+            key = parse_private_key(
+                read_file(rc.pq_private_key, label), rc.pq_private_key, label, pq=True
+            )
+        except CredentialsError as err:
+            out.add(err)
+    if chain:
+        _check_leaf(out, role, rc.pq_certificate or "", chain[0], "x509.pq.certificate")
+        if key is not None and not key_matches_certificate(key, chain[0]):
+            out.error(
+                rc.pq_private_key or "",
+                key_label(role, "x509.pq.private_key"),
+                f"does not match the public key of the certificate in {rc.pq_certificate}",
+            )
+    if (rc.pq_certificate or rc.pq_private_key) and not (rc.certificate and rc.private_key):
+        out.warning(
+            cfg,
+            key_label(role, "x509.certificate"),
+            "only an ML-DSA pair is configured: peers without ML-DSA cannot authenticate us",
+        )
 
 
 def _check_file(
@@ -379,8 +450,10 @@ def _check_path(out: _Findings, path: str, label: ConfigKey, secret: bool) -> No
         out.warning(path, label, f"mode {mode:04o} is group/other-writable; expected 0644")
 
 
-def _check_leaf(out: _Findings, role: str, path: str, leaf: x509.Certificate) -> None:
-    label = key_label(role, "x509.certificate")
+def _check_leaf(
+    out: _Findings, role: str, path: str, leaf: x509.Certificate, key: str = "x509.certificate"
+) -> None:
+    label = key_label(role, key)
     now = _now()
     if leaf.not_valid_after_utc < now:
         out.error(path, label, f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z")

@@ -96,7 +96,7 @@ def decode(data: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
         raise IpcError("not a JSON object")
     _check_tree(message)
     op = message.get("op")
-    if op not in allowed_ops:
+    if not isinstance(op, str) or op not in allowed_ops:  # a list is unhashable
         raise IpcError(f"unknown op {op!r}")
     return message
 
@@ -367,7 +367,8 @@ def check_result(message: dict[str, Any]) -> HandshakeResult:
         remote_auth=tuple(remote_auth),
         cipher=check_optional_str(wire, "cipher", MAX_CIPHER_LEN),
         detail=check_optional_str(wire, "detail", MAX_DETAIL_LEN) or "",
+        group=check_optional_str(wire, "group", MAX_CIPHER_LEN),
     )
 
 
-_RESULT_FIELDS = frozenset({"status", "remote_auth", "cipher", "detail"})
+_RESULT_FIELDS = frozenset({"status", "remote_auth", "cipher", "detail", "group"})

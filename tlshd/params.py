@@ -52,6 +52,7 @@ class HandshakeResult:
     remote_auth: tuple[int, ...] = ()
     cipher: str | None = None
     detail: str = ""
+    group: str | None = None  # the key exchange group, e.g. X25519MLKEM768 (logged)
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)

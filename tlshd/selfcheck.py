@@ -32,6 +32,10 @@ REQUIRED_BINDINGS: tuple[str, ...] = (
     "X509_VERIFY_PARAM_set_hostflags",
     "SSL_session_reused",
     "X509_verify_cert_error_string",
+    # the ML-DSA key of x509.pq.* (workers/tlsctx.py)
+    "SSL_CTX_use_PrivateKey",
+    # the negotiated key exchange group, for the log (workers/engine.py)
+    "SSL_get0_group_name",
 )
 
 

@@ -5,7 +5,8 @@ never changes the socket's O_NONBLOCK flag, never calls shutdown() and never
 sends close_notify: the fd is shared with the kernel consumer that takes the
 socket back after DONE.  Status values follow upstream tlshd (upstream-tlshd.md
 §5.2): EACCES for handshake and verification failures, ETIMEDOUT for a premature
-close or the deadline, EKEYREJECTED for an unknown_psk_identity alert, EIO for
+close or the deadline, EKEYREJECTED for an unknown PSK identity (the
+unknown_psk_identity alert, received or sent), EIO for
 missing local material and any failure after the handshake.  Status 0 is only
 reported once both TLS_TX and TLS_RX were installed.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from OpenSSL._util import lib
+from OpenSSL._util import ffi, lib
 from tlshd.workers import ktls, psk, tlsctx, verify
 from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY, TlsState
 
@@ -57,6 +58,11 @@ class HandshakeContext:
     log: logging.LoggerAdapter[logging.Logger]
     set_phase: Callable[[str], None] = lambda _phase: None
     install_ktls: Callable[[socket.socket, bytes, bytes], None] = ktls.install_ktls
+    # (sock, max data bytes per TX record), or None where the kernel cannot cap
+    # kTLS records (TLS_TX_MAX_PAYLOAD_LEN, Linux 6.19)
+    cap_tx_records: Callable[[socket.socket, int], None] | None = field(
+        default_factory=ktls.tx_record_capper
+    )
 
 
 class HandshakeFailure(Exception):
@@ -119,8 +125,19 @@ def _perform(
         _after_handshake(req)
         ctx.set_phase("ktls")
         cipher = _hand_off_to_ktls(req)
-    ctx.log.info("handshake with %s completed (%s)", req.peername or "peer", cipher)
-    return HandshakeResult(status=0, remote_auth=req.remote_auth, cipher=cipher)
+    group = _negotiated_group(req)
+    ctx.log.info("handshake with %s completed (%s, %s)", req.peername or "peer", cipher, group)
+    return HandshakeResult(status=0, remote_auth=req.remote_auth, cipher=cipher, group=group)
+
+
+def _negotiated_group(req: _Request) -> str:
+    """The key exchange group (X25519MLKEM768 where both sides have ML-KEM;
+    OpenSSL's default groups offer it first and fall back to X25519), or
+    "psk_ke" for a PSK handshake without (EC)DHE."""
+    conn = req.conn
+    assert conn is not None
+    name = lib.SSL_get0_group_name(conn._ssl)
+    return ffi.string(name).decode() if name != ffi.NULL else "psk_ke"
 
 
 def _require_tcp(sock: socket.socket) -> None:
@@ -205,6 +222,7 @@ def _prepare_server_x509(req: _Request) -> None:
 
 def _prepare_client_psk(req: _Request) -> None:
     _resolve_peer_for_logs(req)
+    _log_accept_keyring(req)
     chosen = _first_usable_psk(req)
     context = tlsctx.new_context(req.state, psk.suites_for(chosen.hash_name))
     _refuse_certificates(context)
@@ -216,6 +234,7 @@ def _prepare_server_psk(req: _Request) -> None:
     # No certificate is loaded, so a handshake can only complete with a PSK; and
     # no VERIFY_PEER: OpenSSL then insists on a session id context for "resumption".
     _resolve_peer_for_logs(req)
+    _log_accept_keyring(req)
     context = tlsctx.new_context(req.state, psk.SERVER_PSK_SUITES)
     context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
     keys, keyring = req.ctx.keys, req.params.keyring
@@ -229,6 +248,13 @@ def _prepare_server_psk(req: _Request) -> None:
 
     psk.install_server_psk(context, req.state, search)
     _new_connection(req, context)
+
+
+def _log_accept_keyring(req: _Request) -> None:
+    # Linux 6.17+ names the consumer's keyring (nvme connect --keyring); its
+    # keys are this request's alone (supervisor/keyservice.RequestScope)
+    if req.params.keyring:
+        req.log.debug("ACCEPT keyring %d", req.params.keyring)
 
 
 def _resolve_peer_for_logs(req: _Request) -> None:
@@ -288,6 +314,8 @@ def _use_local_certificate(
     if creds.cert_chain_pem is None or creds.private_key_pem is None:
         raise tlsctx.CredentialError(f"no {role} certificate or private key configured")
     tlsctx.use_pem_credentials(context, creds.cert_chain_pem, creds.private_key_pem)
+    if creds.pq_cert_chain_pem is not None and creds.pq_private_key_pem is not None:
+        tlsctx.use_pq_credentials(context, creds.pq_cert_chain_pem, creds.pq_private_key_pem)
 
 
 _PREPARERS: dict[tuple[int, int], Callable[[_Request], None]] = {
@@ -441,8 +469,20 @@ def _wait(sock: socket.socket, events: int, deadline: float) -> None:
 def _tls_failure(req: _Request, err: SSL.Error) -> HandshakeFailure:
     state = req.state
     reasons = _error_reasons(err)
+    # Either side of an unknown PSK identity is EKEYREJECTED: the client learns
+    # it from the alert (upstream main, PR #149: the NVMe host then revokes a
+    # stale key and redoes in-band authentication); the server sent that alert
+    # itself (workers/psk.py) because no offered identity has a key here.
+    # Upstream's server reports EACCES there, as GnuTLS gives it no alert to
+    # look at; nvmet only tests the status for zero, so the precise errno costs
+    # nothing and tells the log what happened.
     if ALERT_UNKNOWN_PSK_IDENTITY in state.alerts_received:
         return HandshakeFailure(errno.EKEYREJECTED, "peer does not know our PSK identity")
+    if ALERT_UNKNOWN_PSK_IDENTITY in state.alerts_sent:
+        return HandshakeFailure(
+            errno.EKEYREJECTED,
+            f"no key for any of the {state.psk_identities_seen} PSK identities the peer offered",
+        )
     if any("unexpected eof" in reason for reason in reasons):
         return HandshakeFailure(errno.ETIMEDOUT, "peer closed the connection during the handshake")
     detail = "; ".join(reasons) or str(err)
@@ -476,12 +516,27 @@ def _after_handshake(req: _Request) -> None:
     if version != "TLSv1.3":
         raise HandshakeFailure(errno.EIO, f"negotiated {version}, kTLS consumers need TLSv1.3")
     mode = req.params.auth_mode
+    _log_peer_certificate(req)
     if mode == AuthMode.PSK:
         _check_psk_used(req)
     elif mode == AuthMode.X509 and req.is_server:
         req.remote_auth = _server_x509_peer_ids(conn)
     elif mode == AuthMode.X509:
         req.remote_auth = _client_x509_peer_ids(req)
+
+
+def _log_peer_certificate(req: _Request) -> None:
+    """Which certificate the peer chose to present (x509.pq.* lets it pick
+    ML-DSA or classic by signature_algorithms), for the debug log."""
+    conn = req.conn
+    assert conn is not None
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    if cert is not None:
+        req.log.debug(
+            "peer certificate %s, %s",
+            cert.subject.rfc4514_string(),
+            type(cert.public_key()).__name__,
+        )
 
 
 def _check_psk_used(req: _Request) -> None:
@@ -542,7 +597,51 @@ def _hand_off_to_ktls(req: _Request) -> str:
         raise HandshakeFailure(errno.EIO, str(err)) from err
     except OSError as err:
         raise HandshakeFailure(errno.EIO, f"kTLS setup failed: {err}") from err
+    _honour_record_size_limit(req)
     return cipher
+
+
+def _honour_record_size_limit(req: _Request) -> None:
+    """Keep kTLS records within a client's record_size_limit (RFC 8449).
+
+    Only the server role sees a limit: OpenSSL cannot negotiate the extension
+    (it has no record_size_limit, and the custom-extension API bound in the
+    cryptography wheel is the pre-TLS 1.3 one: a client offering it through
+    that API aborts with "bad extension" when the server answers in
+    EncryptedExtensions).  So we never offer or acknowledge the extension, and
+    an unacknowledged limit does not bind us (RFC 8449 §4); capping our records
+    anyway costs nothing and serves clients that need it.  Where the kernel
+    cannot cap (before Linux 6.19) or refuses, records stay full size and the
+    handshake still succeeds: upstream 1.4.0 fails every handshake there.
+    """
+    if not req.is_server or req.state.client_hello is None:
+        return
+    body = tlsctx.client_hello_extension(req.state.client_hello, tlsctx.EXT_RECORD_SIZE_LIMIT)
+    if body is None:
+        return
+    try:
+        if len(body) != 2:
+            raise ktls.KtlsError(f"record_size_limit of {len(body)} bytes")
+        max_payload = ktls.tx_max_payload_for(int.from_bytes(body, "big"))
+    except ktls.KtlsError as err:
+        req.log.warning("ignoring the client's record_size_limit: %s", err)
+        return
+    if max_payload is None:
+        return
+    cap = req.ctx.cap_tx_records
+    if cap is None:
+        req.log.info(
+            "client asks for records of at most %d data bytes; this kernel cannot "
+            "cap kTLS records (TLS_TX_MAX_PAYLOAD_LEN needs Linux 6.19), records stay full size",
+            max_payload,
+        )
+        return
+    try:
+        cap(req.sock, max_payload)
+    except (ktls.KtlsError, OSError) as err:
+        req.log.warning("cannot cap kTLS records at %d bytes: %s", max_payload, err)
+        return
+    req.log.info("kTLS records capped at %d data bytes (client's record_size_limit)", max_payload)
 
 
 def _traffic_keys(req: _Request) -> tuple[ktls.SuiteInfo, bytes, bytes]:

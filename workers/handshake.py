@@ -190,9 +190,10 @@ class HandshakeJob:
     def _report(self, result: HandshakeResult) -> None:
         # The supervisor kills a worker whose strings pass ipc's bounds: trim them here.
         cipher = result.cipher[: ipc.MAX_CIPHER_LEN] if result.cipher is not None else None
+        group = result.group[: ipc.MAX_CIPHER_LEN] if result.group is not None else None
         detail = result.detail[: ipc.MAX_DETAIL_LEN]
-        if (cipher, detail) != (result.cipher, result.detail):
-            result = dataclasses.replace(result, cipher=cipher, detail=detail)
+        if (cipher, group, detail) != (result.cipher, result.group, result.detail):
+            result = dataclasses.replace(result, cipher=cipher, group=group, detail=detail)
         ipc.send_message(
             self.channel, {"op": "result", "req": self.req_id, "result": result.to_wire()}
         )

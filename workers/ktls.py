@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -19,7 +20,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from tlshd.uapi import SOL_TCP, SOL_TLS, TCP_ULP, TLS_1_3_VERSION, TLS_RX, TLS_TX, TlsCipher
+from tlshd.uapi import (
+    SOL_TCP,
+    SOL_TLS,
+    TCP_ULP,
+    TLS_1_3_VERSION,
+    TLS_RX,
+    TLS_TX,
+    TLS_TX_MAX_PAYLOAD_LEN,
+    TlsCipher,
+)
 
 IV_LEN = 12  # TLS 1.3 per-record nonce length for every AEAD suite in use
 SEQ_MAX = (1 << 64) - 1
@@ -154,6 +164,61 @@ def install_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
             sock.setsockopt(level, option, value)
         except OSError as err:
             raise KtlsError(_describe_setsockopt_error(step, err)) from err
+
+
+# ------------------------------------------------------- record size (RFC 8449)
+# record_size_limit (RFC 8449 §4) counts, in TLS 1.3, the inner plaintext:
+# the data plus the one-byte ContentType.  TLS_TX_MAX_PAYLOAD_LEN takes the
+# data alone (the kernel adds the ContentType: include/net/tls.h,
+# tx_record_size_limit "excludes the ContentType"), from 63 to 2^14.
+RECORD_SIZE_LIMIT_MIN = 64  # RFC 8449 §4: smaller values are illegal_parameter
+RECORD_SIZE_LIMIT_TLS13_MAX = (1 << 14) + 1  # 2^14 of data + ContentType
+
+
+def tx_max_payload_for(record_size_limit: int) -> int | None:
+    """TLS_TX_MAX_PAYLOAD_LEN for a TLS 1.3 peer's record_size_limit, or None
+    when the limit asks for nothing smaller than full records.  KtlsError for a
+    limit below RFC 8449's minimum (the peer's ClientHello is then malformed)."""
+    if record_size_limit < RECORD_SIZE_LIMIT_MIN:
+        raise KtlsError(f"peer's record_size_limit {record_size_limit} is below 64 (RFC 8449)")
+    if record_size_limit >= RECORD_SIZE_LIMIT_TLS13_MAX:
+        return None
+    return record_size_limit - 1
+
+
+# Whether the running kernel has TLS_TX_MAX_PAYLOAD_LEN (Linux 6.19).  The
+# supervisor probes it once at start (supervisor/tlsmodule.ensure_tls_module),
+# before it forks workers, which inherit the answer; until then, and in any
+# process that never probed, the answer is "no": never promise a limit the
+# kernel might not enforce.
+_kernel_caps_tx_records = False
+
+
+def record_kernel_caps_tx_records(supported: bool) -> None:
+    global _kernel_caps_tx_records
+    _kernel_caps_tx_records = supported
+
+
+def kernel_caps_tx_records() -> bool:
+    return _kernel_caps_tx_records
+
+
+def tx_record_capper() -> Callable[[socket.socket, int], None] | None:
+    """cap_tx_records where this kernel has the option, else None."""
+    return cap_tx_records if _kernel_caps_tx_records else None
+
+
+def cap_tx_records(sock: socket.socket, max_payload: int) -> None:
+    """setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN): no kTLS TX record carries
+    more than `max_payload` bytes of data.  Call after TLS_TX; KtlsError."""
+    try:
+        sock.setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", max_payload))
+    except OSError as err:
+        raise KtlsError(
+            _describe_setsockopt_error(
+                f"setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN={max_payload})", err
+            )
+        ) from err
 
 
 # ---------------------------------------------------------------- alert records

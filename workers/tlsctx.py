@@ -43,6 +43,9 @@ HS_NEW_SESSION_TICKET = 4
 ALERT_ACCESS_DENIED = 49
 ALERT_UNKNOWN_PSK_IDENTITY = 115
 
+# Extension types (IANA TLS ExtensionType registry)
+EXT_RECORD_SIZE_LIMIT = 28  # RFC 8449
+
 SSL_TLSEXT_ERR_OK = 0
 SSL_TLSEXT_ERR_ALERT_FATAL = 2
 
@@ -74,6 +77,36 @@ class TlsState:
 
     def traffic_secret(self, label: str, client_random: bytes) -> bytes | None:
         return self.secrets.get((label, client_random))
+
+
+def client_hello_extension(client_hello: bytes, ext_type: int) -> bytes | None:
+    """The body of extension `ext_type` in a ClientHello handshake message
+    (RFC 8446 §4.1.2), or None when absent or the message is malformed."""
+    view = memoryview(client_hello)
+    try:
+        pos = 4 + 2 + 32  # msg_type, uint24 length; legacy_version, random
+        for length_size in (1, 2, 1):  # session id, cipher suites, compression
+            _, pos = _opaque(view, pos, length_size)
+        extensions, _ = _opaque(view, pos, 2)
+        pos = 0
+        while pos < len(extensions):
+            this_type = int.from_bytes(extensions[pos : pos + 2], "big")
+            body, pos = _opaque(extensions, pos + 2, 2)
+            if this_type == ext_type:
+                return bytes(body)
+    except ValueError:
+        pass
+    return None
+
+
+def _opaque(view: memoryview, pos: int, length_size: int) -> tuple[memoryview, int]:
+    end_of_length = pos + length_size
+    if end_of_length > len(view):
+        raise ValueError("truncated")
+    end = end_of_length + int.from_bytes(view[pos:end_of_length], "big")
+    if end > len(view):
+        raise ValueError("truncated")
+    return view[end_of_length:end], end
 
 
 class CredentialError(Exception):
@@ -174,6 +207,30 @@ def _parse_pem_credentials(
     except (ValueError, TypeError) as err:
         raise CredentialError(f"cannot parse certificate or private key: {err}") from err
     return tuple(certs), key
+
+
+def use_pq_credentials(ctx: SSL.Context, chain_pem: bytes, key_pem: bytes) -> None:
+    """Add an ML-DSA pair beside the classic one (x509.pq.*).
+
+    OpenSSL keeps one certificate per key type and, as a server (or a client
+    asked for a certificate), presents the first the peer's
+    signature_algorithms accept: ML-DSA for peers offering it (OpenSSL 3.5+,
+    GnuTLS 3.8.x), the classic one for others.  pyOpenSSL's use_privatekey
+    takes no ML-DSA key (cryptography's is "unsupported", its own PKey is
+    deprecated), so the key is read by OpenSSL from PEM and installed with
+    SSL_CTX_use_PrivateKey, which pairs it with the certificate just set.
+    Intermediates of the PQ chain join the shared extra chain."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        ctx.use_certificate(certs[0])
+        if lib.SSL_CTX_use_PrivateKey(ctx._context, key._pkey) != 1:
+            raise ValueError("OpenSSL refused the key (SSL_CTX_use_PrivateKey)")
+        ctx.check_privatekey()
+        for extra in certs[1:]:
+            ctx.add_extra_chain_cert(extra)
+    except (SSL.Error, crypto.Error, TypeError, ValueError, IndexError) as err:
+        raise CredentialError(f"ML-DSA certificate and key unusable: {err}") from err
 
 
 def use_der_credentials(ctx: SSL.Context, cert_der: bytes, key_der: bytes) -> None:
