@@ -241,6 +241,22 @@ def test_ktls_failure_after_handshake_is_eio(pki: Pki, tmp_path: Path, failure: 
 
 
 @pytest.mark.peers
+def test_peer_gone_before_ktls_is_etimedout(pki: Pki, tmp_path: Path) -> None:
+    """The handshake completed, then the ULP found the socket closed by the
+    peer: a premature close (ETIMEDOUT, retried by the NFS client), not EIO."""
+    args = ["-cert", str(pki.server.cert_path), "-key", str(pki.server.key_path)]
+    with openssl_server(args, tmp_path / "s.log") as peer:
+        ctx, _capture, _ = engine_context(pki)
+
+        def closed_socket_install(_sock: socket.socket, _tx: bytes, _rx: bytes) -> None:
+            raise ktls.KtlsError("setsockopt(TCP_ULP, tls): not connected", errno.ETIMEDOUT)
+
+        ctx.install_ktls = closed_socket_install
+        result = perform_handshake(peer.sock, client_params(peer.sock), ctx)
+        assert result.status == errno.ETIMEDOUT
+
+
+@pytest.mark.peers
 def test_real_install_ktls_without_kernel_support_is_eio_or_ok(pki: Pki, tmp_path: Path) -> None:
     """The default install_ktls on this kernel: EIO with the readable reason if the
     tls module is missing, status 0 if kTLS took the keys."""

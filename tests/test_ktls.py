@@ -107,6 +107,16 @@ def test_install_errors_are_readable(err: int, fragment: str) -> None:
     assert info.value.errno == errno.EIO
 
 
+@pytest.mark.parametrize("err", [errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE])
+def test_a_peer_gone_before_ktls_is_a_premature_close(err: int) -> None:
+    """The ULP needs an ESTABLISHED socket; a peer that closed first (nfsd's
+    5 s cancel) is ETIMEDOUT, which the NFS client retries, not EIO."""
+    sock = _RecordingSocket(fail_at=0, err=err)
+    with pytest.raises(ktls.KtlsError) as info:
+        ktls.install_ktls(sock, b"TX", b"RX")  # type: ignore[arg-type]
+    assert info.value.errno == errno.ETIMEDOUT
+
+
 def test_install_on_real_socket_reports_missing_ktls_or_succeeds() -> None:
     """On a kernel without the tls module the ULP step fails with a clear message;
     on one with it, a connected loopback socket accepts the structs."""

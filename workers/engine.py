@@ -594,7 +594,7 @@ def _hand_off_to_ktls(req: _Request) -> str:
     try:
         req.ctx.install_ktls(req.sock, tx_info, rx_info)
     except ktls.KtlsError as err:
-        raise HandshakeFailure(errno.EIO, str(err)) from err
+        raise HandshakeFailure(err.errno, str(err)) from err
     except OSError as err:
         raise HandshakeFailure(errno.EIO, f"kTLS setup failed: {err}") from err
     _honour_record_size_limit(req)

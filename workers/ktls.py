@@ -163,7 +163,21 @@ def install_ktls(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
         try:
             sock.setsockopt(level, option, value)
         except OSError as err:
-            raise KtlsError(_describe_setsockopt_error(step, err)) from err
+            raise KtlsError(_describe_setsockopt_error(step, err), _status_for(err)) from err
+
+
+# The tls ULP attaches only to an ESTABLISHED socket (net/tls/tls_main.c,
+# tls_init: ENOTCONN otherwise).  A peer that closed between its last
+# handshake record and our setsockopt (nfsd cancels a server handshake after
+# 5 s and closes the connection) leaves the client half here.  That is a
+# premature close, which upstream reports as ETIMEDOUT so that the consumer
+# retries (the sunrpc client reconnects on ETIMEDOUT, but fails the mount on
+# EIO); anything else stays EIO.
+_PEER_GONE = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
+
+
+def _status_for(err: OSError) -> int:
+    return errno.ETIMEDOUT if err.errno in _PEER_GONE else errno.EIO
 
 
 # ------------------------------------------------------- record size (RFC 8449)
