@@ -23,6 +23,7 @@ from tests.lab.vm import GuestResult, run_guest
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 IMAGE = "forky"
 SCRIPT = "#!/bin/sh\nexec python3 /lab/run/concat_scenario.py\n"
+QUEUES = 2  # admin + one I/O queue, as tests/lab/test_nvme.py
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +50,23 @@ def test_kernel_and_target_offer_concat(sc: dict[str, Any]) -> None:
 @pytest.mark.parametrize("daemon", ["ours", "upstream"])
 def test_concat_connect_derives_a_psk_and_uses_it(sc: dict[str, Any], daemon: str) -> None:
     r = sc["runs"][daemon]
+    if daemon == "ours":  # the first run: no PSK anywhere before it
+        assert r["psk_keys_before"] == [], r["psk_keys_before"]
     assert r["connect"]["rc"] == 0, (r["connect"], r["dmesg"], r["daemon_log_tail"])
     assert r["tls_key_serial"], r.get("ctrl")
+    assert r["ctrl"]["tls_configured_key"] == r["ctrl"]["tls_key"], r["ctrl"]
     derived = r["tls_key"]
-    # the kernel's derived key: identity "NVMe1R0x <hostnqn> <subnqn> <digest>"
+    # the derived key (drivers/nvme/common/keyring.c): "psk" key in .nvme,
+    # identity "NVMe1G01 <hostnqn> <subnqn> <digest>" (G: generated, 01: SHA-256,
+    # the negotiated DH-HMAC-CHAP hash), made during this connect
     assert derived["type"] == "psk", derived
     ident = derived["description"].split(" ")
-    assert ident[0].startswith("NVMe1R") and len(ident) == 4 and ident[3], derived
+    assert ident[0] == "NVMe1G01" and len(ident) == 4 and ident[3], derived
     assert derived["serial"] in [k["serial"] for k in r["new_keys"]], r["new_keys"]
+    # no handshake on the first, plain admin connection; then the TLS admin
+    # queue and the I/O queue, each a host and an nvmet handshake
     hs = r["hs"]
-    assert hs["client_ok"] >= 1 and hs["server_ok"] >= 1, hs
+    assert hs["client_ok"] == QUEUES and hs["server_ok"] == QUEUES, hs
     assert not hs["failed_status"] and not hs["cancelled"], hs
 
 
@@ -68,3 +76,8 @@ def test_io_over_the_concatenated_channel(sc: dict[str, Any], daemon: str) -> No
     io = r.get("io", {})
     assert io.get("read_back_same") and io.get("target_file_same"), io
     assert r["disconnect"]["rc"] == 0, r["disconnect"]
+
+
+def test_each_connect_derives_a_new_psk(sc: dict[str, Any]) -> None:
+    ours, upstream = (sc["runs"][d]["tls_key"] for d in ("ours", "upstream"))
+    assert ours["description"] != upstream["description"], (ours, upstream)

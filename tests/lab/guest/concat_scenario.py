@@ -5,7 +5,8 @@ Issue 12, item 2.  No PSK is provisioned.  The host authenticates the admin
 queue with DH-HMAC-CHAP over plain TCP, asking for a new TLS PSK (secure
 channel concatenation, Linux 6.15); host and nvmet each derive the PSK from
 the DH-HMAC-CHAP session and put it into ``.nvme`` as a "psk" key whose
-identity ends in a digest ("NVMe1R0x <hostnqn> <subnqn> <digest>"); the host
+identity is "NVMe1G<hmac> <hostnqn> <subnqn> <digest>" (G: generated; one
+key, host and nvmet insert the same description); the host
 then reconnects the admin queue, and connects its I/O queues, over TLS with
 that key, which the handshake daemon receives by serial (host) or finds by
 the identity the host sends (nvmet).
@@ -64,8 +65,9 @@ def concat_connect(kind: str, secret: str) -> dict:
     mark = f"LAB concat {kind} begin"
     lg.trace_mark(mark)
     nd = len(nv.dmesg_lines())
-    keys_before = {k["serial"] for k in nv.nvme_keys()}
-    res: dict = {"daemon": kind, "daemon_pid": lg.start_daemon(kind)}
+    res: dict = {"daemon": kind, "psk_keys_before": nv.nvme_keys()}
+    keys_before = {k["serial"] for k in res["psk_keys_before"]}
+    res["daemon_pid"] = lg.start_daemon(kind)
     res["connect"] = nv.run(
         ["nvme", "connect", "-t", "tcp", "-a", nv.TRADDR, "-s", nv.TRSVCID, "-n", nv.SUBNQN,
          f"--hostnqn={nv.HOSTNQN}", f"--hostid={nv.HOSTID}",
