@@ -47,37 +47,68 @@ def test_kernel_and_target_offer_concat(sc: dict[str, Any]) -> None:
     assert sc["target"]["port"] == {"addr_tsas": "tls1.3", "addr_treq": "not required"}
 
 
-@pytest.mark.parametrize("daemon", ["ours", "upstream"])
-def test_concat_connect_derives_a_psk_and_uses_it(sc: dict[str, Any], daemon: str) -> None:
-    r = sc["runs"][daemon]
-    if daemon == "ours":  # the first run: no PSK anywhere before it
+DAEMONS = ["ours", "upstream"]
+AUTHS = {"sha256": ("NVMe1G01", 32), "sha384": ("NVMe1G02", 48)}  # identity, PSK bytes
+
+
+def check_derived(key: dict[str, Any], new_keys: list[dict[str, Any]], auth: str) -> None:
+    """The derived key (drivers/nvme/common/keyring.c): a "psk" key in .nvme,
+    identity "NVMe1G<hmac> <hostnqn> <subnqn> <digest>" (G: generated; hmac
+    01/02: the negotiated DH-HMAC-CHAP hash), made during this connect."""
+    prefix, size = AUTHS[auth]
+    assert key["type"] == "psk", key
+    ident = key["description"].split(" ")
+    assert ident[0] == prefix and len(ident) == 4 and ident[3], key
+    listed = {k["serial"]: k["description"] for k in new_keys}
+    assert listed.get(key["serial"], "").endswith(f": {size}"), (key, new_keys)
+
+
+@pytest.mark.parametrize("auth", list(AUTHS))
+@pytest.mark.parametrize("daemon", DAEMONS)
+def test_concat_connect_derives_a_psk_and_uses_it(
+    sc: dict[str, Any], daemon: str, auth: str
+) -> None:
+    r = sc["runs"][daemon][auth]
+    if (daemon, auth) == ("ours", "sha256"):  # the first run: no PSK anywhere before it
         assert r["psk_keys_before"] == [], r["psk_keys_before"]
-    assert r["connect"]["rc"] == 0, (r["connect"], r["dmesg"], r["daemon_log_tail"])
+    assert r["connect"]["rc"] == 0, (
+        r["connect"],
+        r["dmesg"],
+        sc["runs"][daemon]["daemon_log_tail"],
+    )
     assert r["tls_key_serial"], r.get("ctrl")
     assert r["ctrl"]["tls_configured_key"] == r["ctrl"]["tls_key"], r["ctrl"]
-    derived = r["tls_key"]
-    # the derived key (drivers/nvme/common/keyring.c): "psk" key in .nvme,
-    # identity "NVMe1G01 <hostnqn> <subnqn> <digest>" (G: generated, 01: SHA-256,
-    # the negotiated DH-HMAC-CHAP hash), made during this connect
-    assert derived["type"] == "psk", derived
-    ident = derived["description"].split(" ")
-    assert ident[0] == "NVMe1G01" and len(ident) == 4 and ident[3], derived
-    assert derived["serial"] in [k["serial"] for k in r["new_keys"]], r["new_keys"]
+    check_derived(r["tls_key"], r["new_keys"], auth)
     # no handshake on the first, plain admin connection; then the TLS admin
     # queue and the I/O queue, each a host and an nvmet handshake
-    hs = r["hs"]
+    hs = r["hs_connect"]
+    assert hs["client_ok"] == QUEUES and hs["server_ok"] == QUEUES, hs
+    assert not r["hs"]["failed_status"] and not r["hs"]["cancelled"], r["hs"]
+
+
+@pytest.mark.parametrize("daemon", DAEMONS)
+def test_reset_derives_and_uses_a_new_psk(sc: dict[str, Any], daemon: str) -> None:
+    r = sc["runs"][daemon]["sha256"]
+    after = r["after_reset"]
+    assert after["reset"]["rc"] == 0 and after["state"] == "live", after
+    assert after["tls_key_serial"] and after["tls_key_serial"] != r["tls_key_serial"], after
+    assert after["ctrl"]["tls_configured_key"] == after["ctrl"]["tls_key"], after
+    check_derived(after["tls_key"], r["new_keys"], "sha256")
+    assert after["tls_key"]["description"] != r["tls_key"]["description"]
+    hs = after["hs"]
     assert hs["client_ok"] == QUEUES and hs["server_ok"] == QUEUES, hs
     assert not hs["failed_status"] and not hs["cancelled"], hs
 
 
-@pytest.mark.parametrize("daemon", ["ours", "upstream"])
-def test_io_over_the_concatenated_channel(sc: dict[str, Any], daemon: str) -> None:
-    r = sc["runs"][daemon]
+@pytest.mark.parametrize("auth", list(AUTHS))
+@pytest.mark.parametrize("daemon", DAEMONS)
+def test_io_over_the_concatenated_channel(sc: dict[str, Any], daemon: str, auth: str) -> None:
+    r = sc["runs"][daemon][auth]
     io = r.get("io", {})
     assert io.get("read_back_same") and io.get("target_file_same"), io
     assert r["disconnect"]["rc"] == 0, r["disconnect"]
 
 
 def test_each_connect_derives_a_new_psk(sc: dict[str, Any]) -> None:
-    ours, upstream = (sc["runs"][d]["tls_key"] for d in ("ours", "upstream"))
-    assert ours["description"] != upstream["description"], (ours, upstream)
+    idents = [sc["runs"][d][a]["tls_key"]["description"] for d in DAEMONS for a in AUTHS]
+    assert len(set(idents)) == len(idents), idents

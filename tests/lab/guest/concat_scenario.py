@@ -17,7 +17,9 @@ group in nvmet's configfs (hosts/<hostnqn>/dhchap_*); concatenation needs a
 DH group (the PSK comes from the DH exchange).
 
 One boot, both daemons one after the other (ours, then upstream as the
-reference), each: connect, the controller's sysfs, 1 MiB of I/O, disconnect.
+reference), each: a SHA-256 connect (ffdhe2048), the controller's sysfs, a
+controller reset (authentication again: a new PSK), 1 MiB of I/O,
+disconnect; then the same with SHA-384 (ffdhe3072, a 48-byte PSK), no reset.
 Writes /lab/results/scenarios/concat.json.
 """
 
@@ -31,43 +33,83 @@ from pathlib import Path
 import labguest as lg
 import nvme_scenarios as nv
 
-HASH = "hmac(sha256)"
-DHGROUP = "ffdhe2048"
+# DH-HMAC-CHAP settings per run: nvme gen-dhchap-key -m (1: SHA-256, 2: SHA-384),
+# nvmet's dhchap_hash and a DH group (concatenation needs one)
+AUTH = {
+    "sha256": {"hmac": "1", "hash": "hmac(sha256)", "dhgroup": "ffdhe2048"},
+    "sha384": {"hmac": "2", "hash": "hmac(sha384)", "dhgroup": "ffdhe3072"},
+}
 HOST_CFS = Path("/sys/kernel/config/nvmet/hosts") / nv.HOSTNQN
 CTRL_ATTRS = ("state", "transport", "tls_key", "tls_configured_key", "tls_keyring",
               "dhchap_secret", "dhchap_ctrl_secret")  # fmt: skip
 
 
-def setup_target(secret: str) -> dict:
+def setup_target() -> dict:
     res = nv.run(["sh", str(nv.HERE / "nvme_target.sh"), nv.SUBNQN, nv.HOSTNQN, nv.TRADDR,
                   nv.TRSVCID, "not required"])  # fmt: skip
     if res["rc"] != 0:
         raise RuntimeError(f"nvme_target.sh failed: {res['output']}")
-    (HOST_CFS / "dhchap_key").write_text(secret + "\n")
-    (HOST_CFS / "dhchap_hash").write_text(HASH + "\n")
-    (HOST_CFS / "dhchap_dhgroup").write_text(DHGROUP + "\n")
     port = Path("/sys/kernel/config/nvmet/ports/1")
     res["port"] = {a: (port / a).read_text().strip() for a in ("addr_tsas", "addr_treq")}
-    res["host"] = {a: (HOST_CFS / a).read_text().strip()
-                   for a in ("dhchap_hash", "dhchap_dhgroup")}  # fmt: skip
     return res
 
 
-def dhchap_secret() -> str:
-    gen = nv.run(["nvme", "gen-dhchap-key", "-m", "1", "-n", nv.HOSTNQN])
+def set_host_auth(name: str) -> str:
+    """A new DH-HMAC-CHAP host secret, given to nvmet's host entry with its
+    hash and DH group; returns the secret for nvme connect --dhchap-secret."""
+    auth = AUTH[name]
+    gen = nv.run(["nvme", "gen-dhchap-key", "-m", auth["hmac"], "-n", nv.HOSTNQN])
     lines = [ln.strip() for ln in gen["output"].splitlines() if ln.startswith("DHHC-1:")]
     if gen["rc"] != 0 or not lines:
         raise RuntimeError(f"nvme gen-dhchap-key failed: {gen['output']}")
+    (HOST_CFS / "dhchap_key").write_text(lines[-1] + "\n")
+    (HOST_CFS / "dhchap_hash").write_text(auth["hash"] + "\n")
+    (HOST_CFS / "dhchap_dhgroup").write_text(auth["dhgroup"] + "\n")
     return lines[-1]
 
 
-def concat_connect(kind: str, secret: str) -> dict:
-    mark = f"LAB concat {kind} begin"
+def tls_key_of(ctrl: str) -> tuple[dict, int | None, dict | None]:
+    """The controller's TLS attributes, its tls_key serial and that key."""
+    attrs = {a: nv.sysfs(ctrl, a) for a in CTRL_ATTRS}
+    serial = int(attrs["tls_key"], 16) if attrs["tls_key"] else None
+    key = None
+    if serial:
+        try:
+            key = nv.describe(serial)
+        except RuntimeError as e:
+            key = {"error": str(e)}
+    return attrs, serial, key
+
+
+def wait_live(ctrl: str, timeout: float = 30) -> str | None:
+    t0 = time.monotonic()
+    state = nv.sysfs(ctrl, "state")
+    while state != "live" and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+        state = nv.sysfs(ctrl, "state")
+    return state
+
+
+def controller_reset(ctrl: str) -> dict:
+    """nvme reset: the host authenticates again and derives a new PSK."""
+    mark = f"LAB concat reset {ctrl} {time.monotonic()}"
+    lg.trace_mark(mark)
+    res: dict = {"reset": nv.run(["nvme", "reset", f"/dev/{ctrl}"], timeout=60)}
+    res["state"] = wait_live(ctrl)
+    res["ctrl"], res["tls_key_serial"], res["tls_key"] = tls_key_of(ctrl)
+    res["hs"] = nv.hs_summary(nv.handshakes(mark))
+    return res
+
+
+def concat_connect(kind: str, auth: str, reset: bool) -> dict:
+    """nvme connect --concat with the AUTH[auth] settings, [a controller
+    reset,] I/O through the namespace, disconnect."""
+    mark = f"LAB concat {kind} {auth} begin"
     lg.trace_mark(mark)
     nd = len(nv.dmesg_lines())
-    res: dict = {"daemon": kind, "psk_keys_before": nv.nvme_keys()}
+    res: dict = {"daemon": kind, "auth": AUTH[auth], "psk_keys_before": nv.nvme_keys()}
     keys_before = {k["serial"] for k in res["psk_keys_before"]}
-    res["daemon_pid"] = lg.start_daemon(kind)
+    secret = set_host_auth(auth)
     res["connect"] = nv.run(
         ["nvme", "connect", "-t", "tcp", "-a", nv.TRADDR, "-s", nv.TRSVCID, "-n", nv.SUBNQN,
          f"--hostnqn={nv.HOSTNQN}", f"--hostid={nv.HOSTID}",
@@ -78,14 +120,10 @@ def concat_connect(kind: str, secret: str) -> dict:
     res["ctrls"] = ctrls
     if ctrls:
         c = ctrls[0]
-        res["ctrl"] = {a: nv.sysfs(c, a) for a in CTRL_ATTRS}
-        tls_key = res["ctrl"]["tls_key"]
-        res["tls_key_serial"] = int(tls_key, 16) if tls_key else None
-        if res["tls_key_serial"]:
-            try:
-                res["tls_key"] = nv.describe(res["tls_key_serial"])
-            except RuntimeError as e:
-                res["tls_key"] = {"error": str(e)}
+        res["ctrl"], res["tls_key_serial"], res["tls_key"] = tls_key_of(c)
+        res["hs_connect"] = nv.hs_summary(nv.handshakes(mark))
+        if reset and res["connect"]["rc"] == 0:
+            res["after_reset"] = controller_reset(c)
         dev = nv.wait_namespace()
         res["device"] = dev
         if dev:
@@ -99,10 +137,20 @@ def concat_connect(kind: str, secret: str) -> dict:
     res["hs"] = nv.hs_summary(res["handshakes"])
     res["alerts"] = nv.alerts_since(mark)
     res["dmesg"] = nv.dmesg_since(nd)
-    lg.stop_daemon()
-    log = (lg.RESULTS / f"daemon-{kind}.log").read_text(errors="replace").splitlines()
-    res["daemon_log_tail"] = log[-60:]
     return res
+
+
+def daemon_runs(kind: str) -> dict:
+    """SHA-256 with a controller reset, then SHA-384, under one daemon."""
+    out: dict = {"daemon_pid": lg.start_daemon(kind)}
+    try:
+        out["sha256"] = concat_connect(kind, "sha256", reset=True)
+        out["sha384"] = concat_connect(kind, "sha384", reset=False)
+    finally:
+        lg.stop_daemon()
+    log = (lg.RESULTS / f"daemon-{kind}.log").read_text(errors="replace").splitlines()
+    out["daemon_log_tail"] = log[-80:]
+    return out
 
 
 def main() -> int:
@@ -112,12 +160,11 @@ def main() -> int:
                "nvmet", "nvmet-tcp"])  # fmt: skip
         out["fabrics_options"] = Path("/dev/nvme-fabrics").read_text().strip()
         out["nvme_cli"] = nv.run(["nvme", "version"])["output"]
-        secret = dhchap_secret()
-        out["target"] = setup_target(secret)
+        out["target"] = setup_target()
         lg.make_pki()
         lg.write_config(loglevel=2)
         lg.trace_on()
-        out["runs"] = {kind: concat_connect(kind, secret) for kind in ("ours", "upstream")}
+        out["runs"] = {kind: daemon_runs(kind) for kind in ("ours", "upstream")}
         out["ok"] = True  # the test judges
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
