@@ -54,13 +54,14 @@ AUTHS = {"sha256": ("NVMe1G01", 32), "sha384": ("NVMe1G02", 48)}  # identity, PS
 def check_derived(key: dict[str, Any], new_keys: list[dict[str, Any]], auth: str) -> None:
     """The derived key (drivers/nvme/common/keyring.c): a "psk" key in .nvme,
     identity "NVMe1G<hmac> <hostnqn> <subnqn> <digest>" (G: generated; hmac
-    01/02: the negotiated DH-HMAC-CHAP hash), made during this connect."""
+    01/02: the negotiated DH-HMAC-CHAP hash), made during this connect, with
+    the PSK's size while the controller used it."""
     prefix, size = AUTHS[auth]
     assert key["type"] == "psk", key
     ident = key["description"].split(" ")
     assert ident[0] == prefix and len(ident) == 4 and ident[3], key
-    listed = {k["serial"]: k["description"] for k in new_keys}
-    assert listed.get(key["serial"], "").endswith(f": {size}"), (key, new_keys)
+    assert key["serial"] in [k["serial"] for k in new_keys], (key, new_keys)
+    assert key["proc"] == f"{key['description']}: {size}", key
 
 
 @pytest.mark.parametrize("auth", list(AUTHS))
@@ -95,8 +96,11 @@ def test_reset_derives_and_uses_a_new_psk(sc: dict[str, Any], daemon: str) -> No
     assert after["ctrl"]["tls_configured_key"] == after["ctrl"]["tls_key"], after
     check_derived(after["tls_key"], r["new_keys"], "sha256")
     assert after["tls_key"]["description"] != r["tls_key"]["description"]
+    # a host and an nvmet handshake per queue again; the host's are submitted
+    # from its reset work item, a kworker like nvmet's, so nv.handshakes()
+    # cannot tell the roles apart here: count them together
     hs = after["hs"]
-    assert hs["client_ok"] == QUEUES and hs["server_ok"] == QUEUES, hs
+    assert hs["completed"] == 2 * QUEUES and hs["server_ok"] == 2 * QUEUES, hs
     assert not hs["failed_status"] and not hs["cancelled"], hs
 
 

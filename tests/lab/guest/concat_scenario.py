@@ -78,6 +78,10 @@ def tls_key_of(ctrl: str) -> tuple[dict, int | None, dict | None]:
             key = nv.describe(serial)
         except RuntimeError as e:
             key = {"error": str(e)}
+        # its /proc/keys line now ("<description>: <payload bytes>"): a reset
+        # revokes the key it replaces, leaving ": 0" there
+        key["proc"] = next((k["description"] for k in nv.nvme_keys() if k["serial"] == serial),
+                           None)  # fmt: skip
     return attrs, serial, key
 
 
