@@ -21,6 +21,10 @@ SUBNQN = "nqn.2014-08.org.example:sub"
         (f"NVMe0R02 {HOSTNQN} {SUBNQN}", 48, "sha384"),
         (f"NVMe1G02 {HOSTNQN} {SUBNQN} digest==", 48, "sha384"),
         (f"NVMe1R01 {HOSTNQN} {SUBNQN} digest==", 32, "sha256"),
+        # what Linux 7.3 derives for nvme connect --concat (tests/lab/test_concat.py):
+        # generated, and a base64 digest with '/', '+' and '='
+        (f"NVMe1G01 {HOSTNQN} {SUBNQN} kArsMMUmtI8We9FAnXHCl1J/LRFkPR9OPk/IDizwxIU=", 32, "sha256"),
+        (f"NVMe1G02 {HOSTNQN} {SUBNQN} +Md5yVvgYf0ggjXc+ken6EGcK3Bc2SL/cCDv/JVCvMk=", 48, "sha384"),
         ("plain identity", 32, "sha256"),
         ("plain identity", 48, "sha384"),
         ("plain identity", 16, "sha256"),

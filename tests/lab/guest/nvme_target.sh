@@ -2,7 +2,7 @@
 # NVMe/TCP target over TLS 1.3 (PSK) on loopback, configured through nvmet's
 # configfs (kernel 6.12 attribute names).  Usage:
 #
-#   nvme_target.sh SUBNQN HOSTNQN [TRADDR] [TRSVCID]
+#   nvme_target.sh SUBNQN HOSTNQN [TRADDR] [TRSVCID] [TREQ]
 #
 # Creates one subsystem with one namespace backed by a 64 MiB file on a tmpfs
 # (/srv/nvme/ns1.img, buffered I/O since the file lives on tmpfs), lets only
@@ -10,12 +10,15 @@
 # tls1.3 makes the kernel set addr_treq to "required" and needs the port's
 # keyring (.nvme, from nvme-keyring.ko) to exist.  The PSK itself is not set
 # here: nvmet-tcp upcalls the handshake daemon, which finds the key by the
-# identity the host sends.
+# identity the host sends.  TREQ (e.g. "not required", which secure channel
+# concatenation needs: its first admin connection is plain TCP) is written to
+# addr_treq after addr_tsas.
 set -eu
 SUB=$1
 HOST=$2
 TRADDR=${3:-127.0.0.1}
 TRSVCID=${4:-4420}
+TREQ=${5:-}
 CFS=/sys/kernel/config/nvmet
 
 modprobe -a nvmet nvmet-tcp
@@ -47,6 +50,7 @@ echo ipv4 > "$P/addr_adrfam"
 echo "$TRADDR" > "$P/addr_traddr"
 echo "$TRSVCID" > "$P/addr_trsvcid"
 echo tls1.3 > "$P/addr_tsas"
+[ -z "$TREQ" ] || echo "$TREQ" > "$P/addr_treq"
 ln -s "$CFS/subsystems/$SUB" "$P/subsystems/$SUB"
 
 echo "nvme_target: $SUB on tcp $TRADDR:$TRSVCID tsas=$(cat "$P/addr_tsas")" \
