@@ -155,7 +155,7 @@ def engine_server(name: str, client_cmd: list[str]) -> dict:
     time.sleep(0.5)  # let the peer print its summary before its stdin closes
     out = _finish(proc)
     sock.close()
-    return {"status": r.status, "detail": r.detail, "group": r.extra.get("group"),
+    return {"status": r.status, "detail": r.detail, "group": r.group,
             "cipher": r.cipher, "peer_output": out[-3000:]}  # fmt: skip
 
 
@@ -191,7 +191,7 @@ def engine_client(name: str, server_cmd: list[str], probe_connects: bool) -> dic
     proc.terminate()
     out = _finish(proc)
     sock.close()
-    return {"status": r.status, "detail": r.detail, "group": r.extra.get("group"),
+    return {"status": r.status, "detail": r.detail, "group": r.group,
             "cipher": r.cipher, "peer_output": out[-3000:]}  # fmt: skip
 
 
