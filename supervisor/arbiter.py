@@ -699,7 +699,9 @@ class Arbiter:
             # Ready once a worker is: the rest of the reserve is seconds
             # away at most, and start-up time is what systemd waits on.
             self.ready_sent = True
-            self.notifier.ready()
+            # The line first, then READY: systemd starts dependent units (NFS
+            # mounts) the moment READY arrives, and the benchmark and the lab
+            # take the line as the moment the daemon is ready.
             log.info(
                 "tlshd supervisor %d serving handshakes, %.2f s after exec "
                 "(zygote ready in %.2f s; %d spare workers, at most %d)",
@@ -709,6 +711,7 @@ class Arbiter:
                 idle,
                 self.config.pool.max_workers,
             )
+            self.notifier.ready()
         live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
         self.notifier.set_status(
             f"{live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
