@@ -210,14 +210,13 @@ def _load_pair(
     prefix = "x509.pq." if pq else "x509."
     chain_pem = key_pem = None
     chain: list[x509.Certificate] = []
-    if pq and bool(cert_path) != bool(key_path):
-        have, missing = (
-            ("certificate", "private_key") if cert_path else ("private_key", "certificate")
-        )
+    half = _half_pair(prefix, cert_path, key_path)
+    if pq and half is not None:
+        have, missing = half
         raise CredentialsError(
             cert_path or key_path or "",
-            key_label(role, prefix + missing),
-            f"missing: {prefix}{have} is set but {prefix}{missing} is not",
+            key_label(role, missing),
+            f"missing: {have} is set but {missing} is not",
         )
     if cert_path:
         chain, chain_pem = _load_pem_file(
@@ -336,13 +335,7 @@ def _check_role(out: _Findings, config: Config, role: str) -> None:
     rc = config.role(role)
     cfg = config.path or "<config>"
     _check_pq_pair(out, role, rc, cfg)
-    if bool(rc.certificate) != bool(rc.private_key):
-        have, missing = (
-            ("x509.certificate", "x509.private_key")
-            if rc.certificate
-            else ("x509.private_key", "x509.certificate")
-        )
-        out.error(cfg, key_label(role, missing), f"missing: {have} is set but {missing} is not")
+    _check_half_pair(out, role, cfg, "x509.", rc.certificate, rc.private_key)
     chain = _check_file(out, role, "x509.certificate", rc.certificate, parse_certificates)
     trust = _check_file(out, role, "x509.truststore", rc.truststore, parse_certificates)
     key = _check_private_key(out, role, rc)
@@ -361,17 +354,29 @@ def _check_role(out: _Findings, config: Config, role: str) -> None:
         _check_crls(out, role, rc.crl or "", crls, trust)
 
 
+def _half_pair(prefix: str, cert: str | None, key: str | None) -> tuple[str, str] | None:
+    """(the key that is set, the key missing) when only half of a certificate
+    and private key pair is configured; None when both or neither are."""
+    if bool(cert) == bool(key):
+        return None
+    set_, unset = ("certificate", "private_key") if cert else ("private_key", "certificate")
+    return prefix + set_, prefix + unset
+
+
+def _check_half_pair(
+    out: _Findings, role: str, cfg: str, prefix: str, cert: str | None, key: str | None
+) -> None:
+    half = _half_pair(prefix, cert, key)
+    if half is not None:
+        have, missing = half
+        out.error(cfg, key_label(role, missing), f"missing: {have} is set but {missing} is not")
+
+
 def _check_pq_pair(out: _Findings, role: str, rc: RoleConfig, cfg: str) -> None:
     """x509.pq.*: both or neither, an ML-DSA key matching the certificate."""
     if not (rc.pq_certificate or rc.pq_private_key):
         return
-    if bool(rc.pq_certificate) != bool(rc.pq_private_key):
-        have, missing = (
-            ("x509.pq.certificate", "x509.pq.private_key")
-            if rc.pq_certificate
-            else ("x509.pq.private_key", "x509.pq.certificate")
-        )
-        out.error(cfg, key_label(role, missing), f"missing: {have} is set but {missing} is not")
+    _check_half_pair(out, role, cfg, "x509.pq.", rc.pq_certificate, rc.pq_private_key)
     chain = _check_file(out, role, "x509.pq.certificate", rc.pq_certificate, parse_certificates)
     key = None
     if rc.pq_private_key:
