@@ -10,6 +10,8 @@ APT_PACKAGES=(
     openssl gnutls-bin
     # kernel keyrings
     keyutils libkeyutils1
+    # the workers' seccomp filter (pyseccomp loads libseccomp.so.2)
+    libseccomp2
     # the real-kernel lab (tests/lab)
     qemu-system-x86 debootstrap busybox-static cpio kmod zstd xz-utils
     # the container image (tests/container) and the unit's security score
