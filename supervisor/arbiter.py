@@ -48,6 +48,7 @@ from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
 from tlshd.params import Engine, HandshakeParams
 from tlshd.proctitle import set_title
+from tlshd.uapi import MAX_ERRNO
 
 from . import handoff
 from .broker import Broker, open_fd_count, raise_fd_limit
@@ -403,7 +404,7 @@ class Arbiter:
                 self.broker.reject_worker(worker, str(err))
         elif op == "fork_failed":
             token = ipc.check_int(message, "token", 1, 2**63)
-            fork_errno = ipc.check_int(message, "errno", 0, 4095)
+            fork_errno = ipc.check_int(message, "errno", 0, MAX_ERRNO)
             log.error("zygote %d cannot fork a worker: %s", zygote.pid, os.strerror(fork_errno))
             self.forks_paused_until = time.monotonic() + 0.5  # EAGAIN: let processes exit
             if (worker := self.pool.workers.get(token)) is not None:

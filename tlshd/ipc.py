@@ -24,7 +24,7 @@ from typing import Any
 
 from tlshd.keys import KeyMaterial
 from tlshd.params import HandshakeResult
-from tlshd.uapi import MAX_ERRNO, MAX_REMOTE_AUTH
+from tlshd.uapi import KEY_DESC_MAX, KEY_SERIAL_MAX, MAX_ERRNO, MAX_REMOTE_AUTH
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 1
@@ -46,11 +46,10 @@ MAX_DEPTH = 4
 # nfsd only tests REMOTE_AUTH for non-zero; upstream sends UINT_MAX per verified
 # client certificate since 1.3.0 instead of adding it to a keyring.
 X509_SERVER_PEER_ID = 0xFFFFFFFF
-# key_serial_t is a positive int32.
-MAX_SERIAL = 2**31 - 1
-# KEY_MAX_DESC_SIZE (include/linux/key.h) is 4096 bytes including the NUL: a
-# longer description (PSK identity, certificate description) names no key.
-MAX_KEY_DESCRIPTION = 4095
+# The kernel's key limits (tlshd/uapi.py): a longer description (PSK
+# identity, certificate description) or a larger serial names no key.
+MAX_SERIAL = KEY_SERIAL_MAX
+MAX_KEY_DESCRIPTION = KEY_DESC_MAX
 # A peer certificate added to the keyring (DER).
 MAX_CERT_DER = 64 * 1024
 # PSK identities looked up for one request: a ClientHello may carry thousands

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from tlshd.uapi import KEY_DESC_MAX, KEY_SERIAL_MAX
+
 # keyctl(2) operations (include/uapi/linux/keyctl.h).
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
@@ -73,12 +75,6 @@ SYSCALL_NUMBERS = {
 }
 
 PROC_KEYS = "/proc/keys"
-
-# Key serials are positive int32 values (key_serial_t, include/linux/key.h).
-KEY_SERIAL_MAX = 2**31 - 1
-# KEY_MAX_DESC_SIZE (include/linux/key.h) is 4096 with the NUL, so a key
-# description or keyring name holds at most 4095 bytes.
-KEY_DESC_MAX = 4095
 
 
 class KeyringError(OSError):

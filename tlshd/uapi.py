@@ -61,6 +61,12 @@ MAX_ERRNO = 4095
 MAX_REMOTE_AUTH = 5
 TLS_NO_PEERID = 0
 
+# Key serials are positive int32 values (key_serial_t, include/linux/key.h).
+KEY_SERIAL_MAX = 2**31 - 1
+# KEY_MAX_DESC_SIZE (include/linux/key.h) is 4096 with the NUL, so a key
+# description or keyring name holds at most 4095 bytes.
+KEY_DESC_MAX = 4095
+
 # kTLS (include/uapi/linux/tls.h).  Python has no SOL_TLS constants.
 SOL_TCP = 6
 TCP_ULP = 31
