@@ -12,12 +12,11 @@ Run: ``pytest -m lab tests/lab/test_concat.py``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.lab.scenario_runs import results_dir, scenario_or_fail
 from tests.lab.vm import GuestResult, run_guest
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
@@ -28,18 +27,13 @@ QUEUES = 2  # admin + one I/O queue, as tests/lab/test_nvme.py
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
-    base = os.environ.get("TLSHD_LAB_RESULTS")
-    out = Path(base) / f"concat-{IMAGE}" if base else tmp_path_factory.mktemp("lab-concat")
+    out = results_dir(f"concat-{IMAGE}", tmp_path_factory)
     return run_guest(SCRIPT, daemon="ours", timeout=900, results_dir=out, image=IMAGE)
 
 
 @pytest.fixture(scope="module")
 def sc(run: GuestResult) -> dict[str, Any]:
-    data = run.scenario("concat")
-    if data is None or "error" in data:
-        log = "\n".join(run.text("scenario.log").splitlines()[-40:])
-        pytest.fail(f"{data and data.get('error')} (results in {run.results_dir})\n{log}")
-    return data
+    return scenario_or_fail(run, "concat")
 
 
 def test_kernel_and_target_offer_concat(sc: dict[str, Any]) -> None:

@@ -9,12 +9,11 @@ both sides).  Run: ``pytest -m lab tests/lab/test_pq.py``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.lab.scenario_runs import results_dir, scenario_or_fail
 from tests.lab.vm import GuestResult, run_guest
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
@@ -25,18 +24,13 @@ HYBRID = "X25519MLKEM768"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
-    base = os.environ.get("TLSHD_LAB_RESULTS")
-    out = Path(base) / f"pq-{IMAGE}" if base else tmp_path_factory.mktemp("lab-pq")
+    out = results_dir(f"pq-{IMAGE}", tmp_path_factory)
     return run_guest(SCRIPT, timeout=900, results_dir=out, image=IMAGE)
 
 
 @pytest.fixture(scope="module")
 def sc(run: GuestResult) -> dict[str, Any]:
-    data = run.scenario("pq")
-    if data is None or "error" in data:
-        log = "\n".join(run.text("scenario.log").splitlines()[-40:])
-        pytest.fail(f"{data and data.get('error')} (results in {run.results_dir})\n{log}")
-    return data
+    return scenario_or_fail(run, "pq")
 
 
 def test_check_config_accepts_the_pq_pairs(sc: dict[str, Any]) -> None:

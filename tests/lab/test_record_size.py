@@ -15,12 +15,11 @@ Run: ``pytest -m lab tests/lab/test_record_size.py``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.lab.scenario_runs import results_dir, scenario_or_fail
 from tests.lab.vm import GuestResult, run_guest
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
@@ -32,16 +31,9 @@ _runs: dict[str, GuestResult] = {}
 
 def scenario(image: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if image not in _runs:
-        base = os.environ.get("TLSHD_LAB_RESULTS")
-        name = f"record-size-{image}"
-        out = Path(base) / name if base else tmp_path_factory.mktemp(f"lab-{name}")
+        out = results_dir(f"record-size-{image}", tmp_path_factory)
         _runs[image] = run_guest(SCRIPT, timeout=600, results_dir=out, image=image)
-    res = _runs[image]
-    data = res.scenario("record_size")
-    if data is None or "error" in data:
-        log = "\n".join(res.text("scenario.log").splitlines()[-40:])
-        pytest.fail(f"{data and data.get('error')} (results in {res.results_dir})\n{log}")
-    return data
+    return scenario_or_fail(_runs[image], "record_size")
 
 
 def kernel_at_least(release: str, version: tuple[int, int]) -> bool:
