@@ -185,7 +185,6 @@ def run_main(config_arg: str | None, to_stderr: bool) -> int:
     except BindingsError as err:
         log.error("%s", err)
         return 1
-    _warn_if_tickets_enabled()
     path = find_config_path(config_arg)
     try:
         config = load_config(path)
@@ -201,20 +200,6 @@ def run_main(config_arg: str | None, to_stderr: bool) -> int:
         log.error("cannot start the supervisor: %s", err)
         return 1
     return run_daemon(path, config)
-
-
-def _warn_if_tickets_enabled() -> None:
-    """Our OpenSSL file includes the system's: if OpenSSL rejected it (a syntax
-    error there voids the whole load), NumTickets = 0 is lost too; say so."""
-    from tlshd.openssl_conf import ENV_VAR, tickets_disabled
-
-    if not tickets_disabled():
-        log.warning(
-            "OpenSSL did not apply %s=%s (NumTickets = 0); check the system OpenSSL "
-            "configuration it includes. Session tickets will be counted per handshake",
-            ENV_VAR,
-            os.environ.get(ENV_VAR),
-        )
 
 
 # --- check-config -------------------------------------------------------------------

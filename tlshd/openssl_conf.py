@@ -269,6 +269,22 @@ def tickets_disabled() -> bool:
     return _probe_result
 
 
+def warn_if_tickets_enabled() -> None:
+    """Our file includes the system's: if OpenSSL rejected it (a syntax error
+    there voids the whole load), NumTickets = 0 is lost too; say so.  Run by
+    the zygote, which loads OpenSSL anyway, not on the supervisor's start-up
+    path (the probe is a whole in-memory handshake)."""
+    from tlshd.log import log
+
+    if not tickets_disabled():
+        log.warning(
+            "OpenSSL did not apply %s=%s (NumTickets = 0); check the system OpenSSL "
+            "configuration it includes. Session tickets will be counted per handshake",
+            ENV_VAR,
+            os.environ.get(ENV_VAR),
+        )
+
+
 def throwaway_identity(common_name: str) -> tuple[Any, Any]:
     """A fresh P-256 key and a self-signed certificate valid for five minutes,
     for in-memory handshakes that only exercise OpenSSL (the NumTickets probe

@@ -53,6 +53,7 @@ from tlshd.workers import WORKER_BOOT_ERROR
 from tlshd import ipc
 from tlshd.children import reap_exited
 from tlshd.log import log
+from tlshd.openssl_conf import warn_if_tickets_enabled
 from tlshd.params import Engine
 from tlshd.proctitle import set_title
 
@@ -98,6 +99,7 @@ class Zygote:
         from tlshd.workers import base, seccomp  # noqa: F401
 
         warm_up_tls()
+        warn_if_tickets_enabled()
         if warm_engine and not warm_up_engine(self.engine, self.generation):
             log.debug("zygote %d: the engine warm-up did not complete", os.getpid())
         config = self.generation.config
