@@ -242,6 +242,13 @@ def trace_on() -> None:
     if not (TRACING / "events").is_dir():
         sh(["mount", "-t", "tracefs", "tracefs", str(TRACING)], check=False)
     (TRACING / "buffer_size_kb").write_text("8192\n")
+    # The pid -> comm cache behind each trace line holds 128 tasks by default;
+    # a boot's worth of short-lived processes evicts a kworker that submitted a
+    # handshake before the trace is read, and the line then says "<...>"
+    # (NVMe tells client from server by that comm).
+    cmdlines = TRACING / "saved_cmdlines_size"
+    if cmdlines.exists():
+        cmdlines.write_text("8192\n")
     for ev in TRACE_EVENTS:
         f = TRACING / "events" / ev / "enable"
         if f.exists():
@@ -262,6 +269,17 @@ TRACE_RE = re.compile(
 )
 
 
+def comm_of(traced: str, pid: int) -> str:
+    """The trace's comm, or the live task's when the trace lost it ("<...>":
+    evicted from the comm cache); kworkers outlive the scenario."""
+    if traced != "<...>":
+        return traced
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or traced
+    except OSError:
+        return traced
+
+
 def read_trace() -> list[dict]:
     """Parsed trace lines: comm, pid, ts, event, fields (key=value)."""
     out = []
@@ -273,7 +291,8 @@ def read_trace() -> list[dict]:
             continue
         rest = m.group("rest")
         fields = dict(re.findall(r"(\w+)=(\S+)", rest))
-        out.append({"comm": m.group("comm").strip(), "pid": int(m.group("pid")),
+        pid = int(m.group("pid"))
+        out.append({"comm": comm_of(m.group("comm").strip(), pid), "pid": pid,
                     "ts": float(m.group("ts")), "event": m.group("event"), "fields": fields,
                     "text": rest})  # fmt: skip
     return out

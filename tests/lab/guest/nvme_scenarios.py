@@ -195,7 +195,8 @@ def handshakes(mark: str) -> list[dict]:
     hs = lg.handshakes(since=mark)
     for h in hs:
         comm = h.get("submit_comm", "")
-        h["role"] = "server" if comm.startswith("kworker") else "client" if comm else "?"
+        known = comm and comm != "<...>"
+        h["role"] = "server" if comm.startswith("kworker") else "client" if known else "?"
     return hs
 
 
