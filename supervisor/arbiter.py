@@ -39,14 +39,14 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
-from tlshd.credentials import Credentials, CredentialsError, load_credentials
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
 from tlshd.params import Engine, HandshakeParams
+from tlshd.pemfiles import CredentialFiles, CredentialsError, read_credential_files
 from tlshd.proctitle import set_title
 from tlshd.uapi import MAX_ERRNO
 
@@ -67,6 +67,9 @@ from .queue import DeadlineQueue
 from .signals import SIGNAL_NAMES, SignalQueue
 from .stats import CompletionStats
 from .status import StatusServer, build_status
+
+if TYPE_CHECKING:
+    from tlshd.credentials import Credentials
 
 LOOP_MAX_WAIT_S = 1.0
 ACCEPT_SWEEP_INTERVAL_S = 2.0  # recovers requests whose READY was lost
@@ -108,6 +111,7 @@ class Arbiter:
         *,
         netlink: HandshakeNetlink | None = None,
         credentials: Credentials | None = None,
+        files: CredentialFiles | None = None,
         keyservice: Any = None,
         engine: Engine | None = None,
         install_ktls: Callable[[socket.socket, bytes, bytes], None] | None = None,
@@ -119,9 +123,13 @@ class Arbiter:
         self._keyservice_for = (
             (lambda _c: keyservice) if keyservice is not None else _default_keyservice
         )
-        if credentials is None:
-            credentials = load_credentials(config)
-        self.generation = Generation(1, config, credentials, self._keyservice_for(config))
+        if credentials is None and files is None:
+            files = read_credential_files(config)
+        # Without parsed credentials the zygote parses `files`: the supervisor
+        # never imports cryptography on its way to READY (tlshd/pemfiles.py).
+        self.generation = Generation(
+            1, config, credentials, self._keyservice_for(config), files=files
+        )
         self.generations: dict[int, Generation] = {1: self.generation}
         self.netlink = netlink if netlink is not None else HandshakeNetlink()
         # None: the zygote imports the real engine itself, after the fork, so
@@ -587,6 +595,11 @@ class Arbiter:
             return
         self.notifier.reloading()
         try:
+            # Parsed here, not in the new zygote, so that a file that does not
+            # parse keeps the current generation serving.  The supervisor
+            # then holds cryptography for the rest of its life (memory only).
+            from tlshd.credentials import load_credentials
+
             config = load_config(self.config_path)
             credentials = load_credentials(config)
             keyservice = self._keyservice_for(config)
@@ -742,14 +755,12 @@ def run_daemon(config_path: str, config: Config) -> int:
 
     set_title("tlshd: supervisor")
     try:
-        credentials = load_credentials(config)
+        files = read_credential_files(config)
     except CredentialsError as err:
         log.error("%s", err)
         return 1
     try:
-        arbiter = Arbiter(
-            config_path, config, credentials=credentials, prepare_kernel=ensure_tls_module
-        )
+        arbiter = Arbiter(config_path, config, files=files, prepare_kernel=ensure_tls_module)
     except ImportError as err:
         log.error("cannot start: %s", err)
         return 1

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tlshd.workers import WORKER_BOOT_ERROR
 from tlshd.workers.zygote import ZYGOTE_OPS
@@ -49,10 +49,13 @@ from tlshd.workers.zygote import ZYGOTE_OPS
 from tlshd import ipc
 from tlshd.children import reap_exited
 from tlshd.config import Config
-from tlshd.credentials import Credentials
 from tlshd.log import log
+from tlshd.pemfiles import CredentialFiles
 
 from .queue import Request
+
+if TYPE_CHECKING:  # cryptography: never imported by the supervisor at start
+    from tlshd.credentials import Credentials
 
 PR_SET_CHILD_SUBREAPER = 36
 FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
@@ -62,8 +65,11 @@ FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 class Generation:
     number: int
     config: Config
-    credentials: Credentials
+    # Parsed on reload by the supervisor; None at start, where the zygote
+    # parses `files` (tlshd/pemfiles.py says why) and keeps the result.
+    credentials: Credentials | None
     keyservice: Any  # tlshd.supervisor.keyservice.SupervisorKeyService
+    files: CredentialFiles | None = None
 
 
 class WorkerState(StrEnum):

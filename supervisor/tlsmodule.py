@@ -20,7 +20,7 @@ import struct
 import subprocess
 from collections.abc import Callable, Iterator
 
-from tlshd.workers import ktls
+from tlshd.workers import kernelcaps
 
 from tlshd.log import log
 from tlshd.uapi import SOL_TCP, SOL_TLS, TCP_ULP, TLS_TX_MAX_PAYLOAD_LEN
@@ -64,11 +64,11 @@ def run_modprobe() -> bool:
 def ensure_tls_module() -> bool:
     """Load tls.ko if needed; log an ERROR (once) if kTLS is unavailable.
 
-    Then tell the engine (tlshd.workers.ktls) whether this kernel can cap TX
+    Then tell the engine (tlshd.workers.kernelcaps) whether this kernel can cap TX
     records (RFC 8449), before any worker is forked: workers inherit the
     answer, and a worker forked from a process that never asked assumes no."""
     loaded = _load_tls_module()
-    ktls.record_kernel_caps_tx_records(loaded and tx_max_payload_len_supported())
+    kernelcaps.record_caps_tx_records(loaded and tx_max_payload_len_supported())
     return loaded
 
 

@@ -23,7 +23,6 @@ from tlshd.config import ConfigKey, Finding, check_config, load_config
 from tlshd.credentials import (
     CredentialsError,
     load_credentials,
-    load_credentials_partial,
 )
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -123,7 +122,7 @@ def test_load_good_pki(pki: Pki) -> None:
     assert server.crl_pem is None
     loaded = serialization.load_pem_private_key(server.private_key_pem or b"", None)
     assert loaded.private_numbers() == pki.leaf_key.private_numbers()
-    assert creds.client.cert_chain_pem is None and creds.client.usable
+    assert creds.client.cert_chain_pem is None
 
 
 def test_load_missing_file_names_file_and_key(pki: Pki) -> None:
@@ -172,19 +171,6 @@ def test_load_encrypted_key(pki: Pki) -> None:
 def test_load_pkcs11_url_is_rejected(pki: Pki) -> None:
     with pytest.raises(CredentialsError, match=r"URLs .* are not supported"):
         load_credentials(load_config(pki.config(x509_private_key="pkcs11:object=tls")))
-
-
-def test_partial_load_keeps_other_role(pki: Pki) -> None:
-    path = pki.config(
-        x509_truststore=str(pki.root / "missing.pem"),
-        extra=f"[authenticate.client]\nx509.truststore = {pki.truststore}\n",
-    )
-    creds = load_credentials_partial(load_config(path))
-    assert not creds.server.usable
-    assert "missing.pem" in creds.server.errors[0]
-    # Fail closed: no trust store PEM that could be mistaken for "system trust".
-    assert creds.server.truststore_pem is None
-    assert creds.client.usable and creds.client.truststore_pem == cert_pem(pki.ca)
 
 
 def test_crl_is_loaded(pki: Pki) -> None:

@@ -17,7 +17,7 @@ import pytest
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 from tlshd.supervisor import tlsmodule
-from tlshd.workers import ktls, tlsctx
+from tlshd.workers import kernelcaps, ktls, tlsctx
 from tlshd.workers.engine import perform_handshake
 
 from tests.peers import (
@@ -190,16 +190,16 @@ def test_ensure_tls_module_tells_the_engine(
 ) -> None:
     monkeypatch.setattr(tlsmodule, "_load_tls_module", lambda: loaded)
     monkeypatch.setattr(tlsmodule, "tx_max_payload_len_supported", lambda: probe)
-    monkeypatch.setattr(ktls, "_kernel_caps_tx_records", not expected)
+    monkeypatch.setattr(kernelcaps, "_caps_tx_records", not expected)
     assert tlsmodule.ensure_tls_module() is loaded
-    assert ktls.kernel_caps_tx_records() is expected
+    assert kernelcaps.caps_tx_records() is expected
     assert (ktls.tx_record_capper() is ktls.cap_tx_records) is expected
     ctx, _capture, _phases = engine_context()
     assert (ctx.cap_tx_records is not None) is expected
 
 
 def test_a_process_that_never_probed_never_caps() -> None:
-    assert ktls._kernel_caps_tx_records is False  # module default
+    assert kernelcaps._caps_tx_records is False  # module default
     assert engine_context()[0].cap_tx_records is None
 
 

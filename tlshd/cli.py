@@ -176,15 +176,11 @@ def version_string() -> str:
 def run_main(config_arg: str | None, to_stderr: bool) -> int:
     """Load the config and hand over to the supervisor; its return is our exit code."""
     from tlshd.log import set_debug, setup_logging
-    from tlshd.selfcheck import BindingsError, require_bindings
 
     setup_logging(to_stderr=to_stderr, debug=False)
     log.info("tlshd %s starting", tlshd.__version__)
-    try:
-        require_bindings()
-    except BindingsError as err:
-        log.error("%s", err)
-        return 1
+    # The OpenSSL bindings are checked, and the PEM files parsed, by the zygote:
+    # the supervisor never loads OpenSSL or cryptography (workers/zygote.py).
     path = find_config_path(config_arg)
     try:
         config = load_config(path)

@@ -1,17 +1,15 @@
-"""Key material loaded by the supervisor before workers fork.
+"""Key material of one configuration generation, parsed and checked.
 
 Private keys are root-only files (mode 0600), and workers run unprivileged,
-so every file named in the config is read here, once per config generation,
-and reaches the workers through fork's copy-on-write memory.
+so the privileged supervisor reads every file named in the config
+(tlshd/pemfiles.py), once per config generation, and the parsed material
+reaches the workers through fork's copy-on-write memory.
 
-Two loaders, for the supervisor's two situations:
-  * `load_credentials` is strict: any configured file that is missing,
-    unreadable or unparseable raises `CredentialsError`.  Use it on reload,
-    where the old generation keeps serving if the new one does not load.
-  * `load_credentials_partial` never raises: a role whose files fail to load
-    keeps the error text in `RoleCredentials.errors`.  Use it at start-up, so
-    that a broken server certificate does not stop PSK or anonymous client
-    handshakes.  A role with errors must fail its x509 handshakes (EIO).
+`load_credentials` is strict: any configured file that is missing,
+unreadable or unparseable raises `CredentialsError`, naming the file and the
+key.  At start the zygote runs it on the bytes the supervisor read (`files=`),
+and an error stops the daemon (exit 1); on reload the supervisor runs it
+itself, and the old generation keeps serving if the new one does not load.
 
 Upstream silently falls back to the system trust store when `x509.truststore`
 is inaccessible.  We never do: a broken trust store is an error, because a
@@ -41,23 +39,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa,
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tlshd.config import (
-    MAX_PEM_BYTES,
-    Config,
-    ConfigKey,
-    FileProblem,
-    Finding,
-    RoleConfig,
-    read_bounded,
-)
+from tlshd.config import Config, ConfigKey, Finding, RoleConfig
+from tlshd.pemfiles import ROLES, CredentialFiles, key_label, read_file, reject_url
+from tlshd.pemfiles import CredentialsError as CredentialsError  # callers import it from here
 
 Certs = list[x509.Certificate]
 Crls = list[x509.CertificateRevocationList]
 
-ROLES = ("client", "server")
-ROLE_SECTIONS = {"client": "authenticate.client", "server": "authenticate.server"}
-# A scheme prefix per RFC 3986 (upstream hands such strings to gnutls_privkey_import_url).
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 # Key types a TLS 1.3 signature algorithm exists for.
 _TLS13_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
@@ -67,16 +55,6 @@ _PQ_KEYS = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey, mldsa.MLDSA87Priva
 _EXPIRY_WARNING = datetime.timedelta(days=30)
 
 log = logging.getLogger("tlshd")
-
-
-class CredentialsError(Exception):
-    """A configured credential file cannot be used."""
-
-    def __init__(self, file: str, key: ConfigKey, reason: str) -> None:
-        super().__init__(f"{file}: {key}: {reason}")
-        self.file = file
-        self.key = key
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -91,13 +69,6 @@ class RoleCredentials:
     # one the peer's signature_algorithms allow (ML-DSA first if both)
     pq_cert_chain_pem: bytes | None = None
     pq_private_key_pem: bytes | None = None
-    # Non-empty only from load_credentials_partial: the role is unusable for
-    # x509 and its handshakes must fail (EIO) rather than fall back.
-    errors: tuple[str, ...] = ()
-
-    @property
-    def usable(self) -> bool:
-        return not self.errors
 
 
 @dataclass(frozen=True)
@@ -110,20 +81,6 @@ class Credentials:
 
 
 # --- reading and parsing -----------------------------------------------------------
-
-
-def key_label(role: str, key: str) -> ConfigKey:
-    """[authenticate.server] x509.certificate for ("server", "x509.certificate")."""
-    return ConfigKey(ROLE_SECTIONS[role], key)
-
-
-def read_file(path: str, label: ConfigKey) -> bytes:
-    """The contents of a configured PEM file (regular, at most MAX_PEM_BYTES,
-    never blocking: see tlshd.config.read_bounded); CredentialsError otherwise."""
-    try:
-        return read_bounded(path, MAX_PEM_BYTES)
-    except FileProblem as problem:
-        raise CredentialsError(path, label, str(problem)) from None
 
 
 def pem_blocks(data: bytes, kind: bytes) -> list[bytes]:
@@ -188,22 +145,16 @@ def key_matches_certificate(key: object, cert: x509.Certificate) -> bool:
     return _spki(key.public_key()) == _spki(cert.public_key())  # type: ignore[attr-defined]
 
 
-def _reject_url(value: str, label: ConfigKey) -> None:
-    if _URL_RE.match(value):
-        raise CredentialsError(
-            value,
-            label,
-            "private key URLs (pkcs11:, tpmkey:, ...) are not supported; "
-            "for a relative file name starting with a scheme-like prefix, write ./name",
-        )
-
-
 def _pem(objects: list[x509.Certificate] | list[x509.CertificateRevocationList]) -> bytes:
     return b"".join(o.public_bytes(serialization.Encoding.PEM) for o in objects)
 
 
+# How a loader gets a file's bytes: read_file, or CredentialFiles.read.
+Reader = Callable[[str, ConfigKey], bytes]
+
+
 def _load_pair(
-    role: str, cert_path: str | None, key_path: str | None, pq: bool
+    role: str, cert_path: str | None, key_path: str | None, pq: bool, read: Reader
 ) -> tuple[bytes | None, bytes | None]:
     """(chain PEM, PKCS#8 key PEM) of x509.certificate/private_key, or with `pq`
     of x509.pq.certificate/pq.private_key; raises CredentialsError."""
@@ -220,12 +171,12 @@ def _load_pair(
         )
     if cert_path:
         chain, chain_pem = _load_pem_file(
-            role, prefix + "certificate", cert_path, parse_certificates
+            role, prefix + "certificate", cert_path, parse_certificates, read
         )
     if key_path:
         label = key_label(role, prefix + "private_key")
-        _reject_url(key_path, label)
-        key = parse_private_key(read_file(key_path, label), key_path, label, pq=pq)
+        reject_url(key_path, label)
+        key = parse_private_key(read(key_path, label), key_path, label, pq=pq)
         _warn_if_key_exposed(key_path, label)
         if chain and not key_matches_certificate(key, chain[0]):
             raise CredentialsError(
@@ -239,15 +190,17 @@ def _load_pair(
     return chain_pem, key_pem
 
 
-def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
+def _load_role(role: str, rc: RoleConfig, read: Reader = read_file) -> RoleCredentials:
     """Strict load of one role's files; raises CredentialsError."""
     trust_pem = crl_pem = None
-    chain_pem, key_pem = _load_pair(role, rc.certificate, rc.private_key, pq=False)
-    pq_chain_pem, pq_key_pem = _load_pair(role, rc.pq_certificate, rc.pq_private_key, pq=True)
+    chain_pem, key_pem = _load_pair(role, rc.certificate, rc.private_key, False, read)
+    pq_chain_pem, pq_key_pem = _load_pair(role, rc.pq_certificate, rc.pq_private_key, True, read)
     if rc.truststore:
-        _, trust_pem = _load_pem_file(role, "x509.truststore", rc.truststore, parse_certificates)
+        _, trust_pem = _load_pem_file(
+            role, "x509.truststore", rc.truststore, parse_certificates, read
+        )
     if rc.crl:
-        _, crl_pem = _load_pem_file(role, "x509.crl", rc.crl, parse_crls)
+        _, crl_pem = _load_pem_file(role, "x509.crl", rc.crl, parse_crls, read)
     return RoleCredentials(
         chain_pem,
         key_pem,
@@ -259,11 +212,15 @@ def _load_role(role: str, rc: RoleConfig) -> RoleCredentials:
 
 
 def _load_pem_file(
-    role: str, key: str, path: str, parse: Callable[[bytes, str, ConfigKey], list[Any]]
+    role: str,
+    key: str,
+    path: str,
+    parse: Callable[[bytes, str, ConfigKey], list[Any]],
+    read: Reader = read_file,
 ) -> tuple[list[Any], bytes]:
     """The objects in the PEM file a key names, and their canonical PEM."""
     label = key_label(role, key)
-    objects = parse(read_file(path, label), path, label)
+    objects = parse(read(path, label), path, label)
     return objects, _pem(objects)
 
 
@@ -285,24 +242,16 @@ def key_exposure(path: str) -> str | None:
     return None
 
 
-def load_credentials(config: Config) -> Credentials:
-    """Read every configured PEM file of both roles; raises CredentialsError
-    (naming the file and the key) on the first one that cannot be used."""
+def load_credentials(config: Config, files: CredentialFiles | None = None) -> Credentials:
+    """Read every configured PEM file of both roles (or take their bytes from
+    `files`, read earlier by the supervisor: tlshd/pemfiles.py); raises
+    CredentialsError (naming the file and the key) on the first one that
+    cannot be used."""
+    read = files.read if files is not None else read_file
     return Credentials(
-        client=_load_role("client", config.client), server=_load_role("server", config.server)
+        client=_load_role("client", config.client, read),
+        server=_load_role("server", config.server, read),
     )
-
-
-def load_credentials_partial(config: Config) -> Credentials:
-    """Like load_credentials, but a role that fails to load is returned empty
-    with its error in `errors` instead of raising."""
-    roles = {}
-    for role in ROLES:
-        try:
-            roles[role] = _load_role(role, config.role(role))
-        except CredentialsError as err:
-            roles[role] = RoleCredentials(errors=(str(err),))
-    return Credentials(**roles)
 
 
 # --- check-config ---------------------------------------------------------------------
@@ -382,7 +331,7 @@ def _check_pq_pair(out: _Findings, role: str, rc: RoleConfig, cfg: str) -> None:
     if rc.pq_private_key:
         label = key_label(role, "x509.pq.private_key")
         try:
-            _reject_url(rc.pq_private_key, label)
+            reject_url(rc.pq_private_key, label)
             _check_path(out, rc.pq_private_key, label, secret=True)
             key = parse_private_key(
                 read_file(rc.pq_private_key, label), rc.pq_private_key, label, pq=True
@@ -428,7 +377,7 @@ def _check_private_key(out: _Findings, role: str, rc: RoleConfig) -> object | No
         return None
     label = key_label(role, "x509.private_key")
     try:
-        _reject_url(rc.private_key, label)
+        reject_url(rc.private_key, label)
         _check_path(out, rc.private_key, label, secret=True)
         return parse_private_key(read_file(rc.private_key, label), rc.private_key, label)
     except CredentialsError as err:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 # At module level, not in _aead: workers cannot import after dropping privileges.
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from tlshd.workers import kernelcaps
 
 from tlshd.uapi import (
     SOL_TCP,
@@ -200,26 +201,9 @@ def tx_max_payload_for(record_size_limit: int) -> int | None:
     return record_size_limit - 1
 
 
-# Whether the running kernel has TLS_TX_MAX_PAYLOAD_LEN (Linux 6.19).  The
-# supervisor probes it once at start (supervisor/tlsmodule.ensure_tls_module),
-# before it forks workers, which inherit the answer; until then, and in any
-# process that never probed, the answer is "no": never promise a limit the
-# kernel might not enforce.
-_kernel_caps_tx_records = False
-
-
-def record_kernel_caps_tx_records(supported: bool) -> None:
-    global _kernel_caps_tx_records
-    _kernel_caps_tx_records = supported
-
-
-def kernel_caps_tx_records() -> bool:
-    return _kernel_caps_tx_records
-
-
 def tx_record_capper() -> Callable[[socket.socket, int], None] | None:
     """cap_tx_records where this kernel has the option, else None."""
-    return cap_tx_records if _kernel_caps_tx_records else None
+    return cap_tx_records if kernelcaps.caps_tx_records() else None
 
 
 def cap_tx_records(sock: socket.socket, max_payload: int) -> None:

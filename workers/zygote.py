@@ -10,7 +10,12 @@ exits when the supervisor is gone.
   1. resets the supervisor's signal handling and closes every inherited
      descriptor except its channel and the log's (the supervisor's netlink and
      status sockets, other zygotes' channels, accepted sockets of requests);
-  2. imports the TLS engine and warms it with one complete TLS 1.3 handshake
+  2. imports the TLS engine, checks the private OpenSSL bindings it uses
+     (tlshd/selfcheck.py), parses the generation's PEM files from the bytes
+     the supervisor read (tlshd/pemfiles.py: the supervisor never imports
+     cryptography on its way to READY; a file that does not parse exits
+     WORKER_BOOT_ERROR, which stops the daemon), and warms the engine with
+     one complete TLS 1.3 handshake
      over memory BIOs, still as root: the lazy initialisation of OpenSSL
      (providers, EC groups, the DRBG, cipher fetches) and every lazy Python
      import then happens once here instead of in every worker, and nothing is
@@ -95,9 +100,11 @@ class Zygote:
             from tlshd.workers.engine import perform_handshake
 
             self.engine = perform_handshake
+            require_bindings_or_exit()
         # Imported before the privilege drop: workers cannot read the installation.
         from tlshd.workers import base, seccomp  # noqa: F401
 
+        self.generation = parse_credentials_or_exit(self.generation)
         warm_up_tls()
         warn_if_tickets_enabled()
         if warm_engine and not warm_up_engine(self.engine, self.generation):
@@ -221,6 +228,38 @@ class Zygote:
 
 
 # --- helpers shared with the worker --------------------------------------------------
+
+
+def require_bindings_or_exit() -> None:
+    """The engine's private OpenSSL bindings (tlshd/selfcheck.py), checked here
+    because the zygote is the first process that loads OpenSSL."""
+    from tlshd.selfcheck import BindingsError, require_bindings
+
+    try:
+        require_bindings()
+    except BindingsError as err:
+        log.error("%s", err)
+        os._exit(WORKER_BOOT_ERROR)
+
+
+def parse_credentials_or_exit(generation: Any) -> Any:
+    """The generation with its credentials parsed from the bytes the supervisor
+    read (tlshd/pemfiles.py); a file that does not parse is a start-up error
+    (WORKER_BOOT_ERROR stops the daemon), logged naming the file and the key."""
+    if generation.credentials is not None or getattr(generation, "files", None) is None:
+        return generation
+    from dataclasses import replace
+
+    from tlshd.credentials import load_credentials
+    from tlshd.pemfiles import CredentialsError
+
+    try:
+        credentials = load_credentials(generation.config, generation.files)
+    except CredentialsError as err:
+        log.error("%s", err)
+        os._exit(WORKER_BOOT_ERROR)
+    # The raw bytes are not needed any more; the parsed PEM is what workers use.
+    return replace(generation, credentials=credentials, files=None)
 
 
 def reset_signals() -> None:

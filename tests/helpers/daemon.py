@@ -190,10 +190,14 @@ def start_daemon(
     environ: dict[str, str] | None = None,
     wait_ready: bool = True,
     credentials: Credentials | None = None,
+    read_pem_files: bool = False,
     in_child: Callable[[], None] | None = None,
     **arbiter_kwargs: Any,
 ) -> Daemon:
-    """Fork a daemon; `in_child` runs in it before the Arbiter is built."""
+    """Fork a daemon; `in_child` runs in it before the Arbiter is built.
+
+    `read_pem_files`: start as production does, the supervisor reading the
+    config's PEM files and the zygote parsing them (`credentials` unused)."""
     directory = directory or short_tmpdir()
     status_path = directory / "status.sock"
     config_path = directory / "tlshd.conf"
@@ -221,7 +225,7 @@ def start_daemon(
                 str(config_path),
                 loaded,
                 netlink=netlink,
-                credentials=credentials or Credentials(),
+                credentials=None if read_pem_files else (credentials or Credentials()),
                 keyservice=keyservice or NullKeyService(),
                 engine=engine,
                 **arbiter_kwargs,

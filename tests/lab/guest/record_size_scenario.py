@@ -45,7 +45,7 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 from OpenSSL import SSL  # noqa: E402
 from OpenSSL._util import ffi, lib  # noqa: E402
 from tlshd.supervisor import tlsmodule  # noqa: E402
-from tlshd.workers import ktls  # noqa: E402
+from tlshd.workers import kernelcaps  # noqa: E402
 from tlshd.workers.engine import HandshakeContext, perform_handshake  # noqa: E402
 
 from tlshd.config import Config  # noqa: E402
@@ -188,7 +188,7 @@ def main() -> int:
     try:
         out["tls_module"] = tlsmodule.ensure_tls_module()
         out["probe"] = tlsmodule.tx_max_payload_len_supported()
-        out["engine_caps"] = ktls.kernel_caps_tx_records()
+        out["engine_caps"] = kernelcaps.caps_tx_records()
         cert, key = self_signed()
         out["with_limit"] = one_run("rsl-512", LIMIT, cert, key)
         out["without_limit"] = one_run("rsl-none", None, cert, key)
