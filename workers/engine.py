@@ -534,6 +534,10 @@ def _log_peer_certificate(req: _Request) -> None:
     ML-DSA or classic by signature_algorithms), for the debug log."""
     conn = req.conn
     assert conn is not None
+    # The arguments cost a certificate conversion and two parses per handshake;
+    # at the daemon's default level (INFO) nobody reads the line.
+    if not req.log.isEnabledFor(logging.DEBUG):
+        return
     cert = conn.get_peer_certificate(as_cryptography=True)
     if cert is not None:
         req.log.debug(
