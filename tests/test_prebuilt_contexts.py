@@ -20,6 +20,9 @@ from tlshd.workers import contexts
 from tlshd.workers.contexts import PreparedContext, Shape
 from tlshd.workers.engine import HandshakeContext, perform_handshake
 
+from tests.fakekernel import FakeKernel
+from tests.helpers.daemon import running_daemon
+from tests.helpers.engines import accept_ktls
 from tests.peers import (
     FakeKeys,
     Pki,
@@ -38,7 +41,7 @@ from tests.test_engine_x509 import (
 from tlshd.credentials import Credentials, RoleCredentials
 from tlshd.ipc import X509_SERVER_PEER_ID
 from tlshd.params import HandshakeResult
-from tlshd.uapi import AuthMode
+from tlshd.uapi import AuthMode, MsgType
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(60)]
 
@@ -346,3 +349,36 @@ def test_server_without_loadable_certificate_fails_as_before(
     assert result.status == errno.EIO
     assert "certificate and private key unusable" in result.detail
     assert "access denied" in output, output
+
+
+# ------------------------------------------------------- through the zygote
+
+
+def test_each_worker_takes_the_zygotes_prepared_context(
+    pki: Pki, tmp_path: Path, openssl_bin: str
+) -> None:
+    """Fake kernel, real supervisor, zygote and workers: the zygote prepares
+    the contexts, and every worker's handshake runs on its own copy."""
+    credentials = Credentials(client=RoleCredentials(truststore_pem=pki.ca.cert_pem))
+    with (
+        FakeKernel() as kernel,
+        running_daemon(
+            kernel, perform_handshake, credentials=credentials, install_ktls=accept_ktls
+        ) as daemon,
+    ):
+        for round_ in range(2):
+            args = s_server_args(pki, SUITES[0])
+            with openssl_server(args, tmp_path / f"s_server{round_}.log") as peer:
+                request = kernel.submit(
+                    peer.sock, MsgType.CLIENTHELLO, AuthMode.UNAUTH, peername="localhost"
+                )
+                assert request.wait_done(30) == (0, ())
+        daemon.wait_for_log(f"succeeded, cipher {SUITES[0]}")
+        prepared_lines = [
+            line
+            for line in daemon.log().splitlines()
+            if "client unauthenticated context prepared by the zygote" in line
+        ]
+    assert len(prepared_lines) == 2, daemon.log()
+    worker_pids = {line.split()[0] for line in prepared_lines}
+    assert len(worker_pids) == 2  # single-use workers: one handshake each

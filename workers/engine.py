@@ -224,6 +224,7 @@ def _x509_context(req: _Request, shape: Shape, creds: RoleCredentials) -> SSL.Co
         if prepared is not None:
             # The callbacks of a prepared context report into its own TlsState.
             req.state = prepared.state
+            req.log.debug("%s context prepared by the zygote", shape.value)
             return prepared.context
     install = functools.partial(_use_accept_certificate, req) if from_accept else None
     return contexts.build_context(shape, req.state, creds, install)
