@@ -17,6 +17,7 @@ import contextlib
 import encodings.idna
 import encodings.punycode  # noqa: F401
 import errno
+import functools
 import logging
 import select
 import socket
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
-from tlshd.workers import ktls, psk, tlsctx, verify
+from tlshd.workers import contexts, ktls, psk, tlsctx, verify
+from tlshd.workers.contexts import Shape
 from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY, TlsState
 
 from tlshd.config import Config
@@ -75,7 +77,8 @@ class HandshakeFailure(Exception):
 
 @dataclass
 class _Request:
-    """Per-handshake state; never shared between handshakes."""
+    """Per-handshake state; never shared between handshakes.  `state` is
+    replaced by a prepared context's own (workers/contexts.py) when one is used."""
 
     sock: socket.socket
     params: HandshakeParams
@@ -179,17 +182,12 @@ def _resolve_peer(req: _Request) -> verify.PeerName:
     return peer
 
 
-def _prepare_client_x509_common(req: _Request, with_certificate: bool) -> None:
+def _prepare_client_x509_common(req: _Request, shape: Shape) -> None:
     peer = _resolve_peer(req)
-    creds = req.ctx.credentials.client
-    context = tlsctx.new_context(req.state)
     try:
-        if with_certificate:
-            _use_local_certificate(req, context, creds, "client")
-        tlsctx.configure_trust(context, creds)
+        context = _x509_context(req, shape, req.ctx.credentials.client)
     except tlsctx.CredentialError as err:
         raise HandshakeFailure(errno.EIO, str(err)) from err
-    tlsctx.set_verify_client_role(context, req.state)
     conn = _new_connection(req, context)
     try:
         verify.expect_peer(conn, peer)
@@ -198,26 +196,38 @@ def _prepare_client_x509_common(req: _Request, with_certificate: bool) -> None:
 
 
 def _prepare_client_unauth(req: _Request) -> None:
-    _prepare_client_x509_common(req, with_certificate=False)
+    _prepare_client_x509_common(req, Shape.CLIENT_UNAUTH)
 
 
 def _prepare_client_x509(req: _Request) -> None:
-    _prepare_client_x509_common(req, with_certificate=True)
+    _prepare_client_x509_common(req, Shape.CLIENT_X509)
 
 
 def _prepare_server_x509(req: _Request) -> None:
     _resolve_peer_for_logs(req)
-    creds = req.ctx.credentials.server
-    context = tlsctx.new_context(req.state)
     try:
-        _use_local_certificate(req, context, creds, "server")
-        tlsctx.configure_trust(context, creds)
+        context = _x509_context(req, Shape.SERVER_X509, req.ctx.credentials.server)
     except tlsctx.CredentialError as err:
         # upstream 1.4.0 tells the client why instead of just dropping it
         _send_plaintext_alert(req, ALERT_ACCESS_DENIED)
         raise HandshakeFailure(errno.EIO, str(err)) from err
-    tlsctx.set_verify_server_role(context, req.state)
     _new_connection(req, context)
+
+
+def _x509_context(req: _Request, shape: Shape, creds: RoleCredentials) -> SSL.Context:
+    """The context the zygote prepared for `shape`, if this process has not
+    used it yet and the ACCEPT names no certificate of its own; else one built
+    for this handshake.  Raises tlsctx.CredentialError."""
+    from_accept = shape.uses_certificate and _accept_names_certificate(req.params)
+    if not from_accept:
+        prepared = contexts.take_prepared(shape, creds)
+        if prepared is not None:
+            # The callbacks of a prepared context report into its own TlsState.
+            req.state = prepared.state
+            req.log.debug("%s context prepared by the zygote", shape.value)
+            return prepared.context
+    install = functools.partial(_use_accept_certificate, req) if from_accept else None
+    return contexts.build_context(shape, req.state, creds, install)
 
 
 def _prepare_client_psk(req: _Request) -> None:
@@ -296,26 +306,21 @@ def _first_usable_psk(req: _Request) -> psk.Psk:
     raise HandshakeFailure(errno.EIO, "no usable PSK: " + "; ".join(problems))
 
 
-def _use_local_certificate(
-    req: _Request, context: SSL.Context, creds: RoleCredentials, role: str
-) -> None:
-    """Certificate and key from the ACCEPT serials (DER) if given, else the config."""
+def _accept_names_certificate(params: HandshakeParams) -> bool:
+    return bool(params.cert_serial or params.privkey_serial)
+
+
+def _use_accept_certificate(req: _Request, context: SSL.Context) -> None:
+    """Certificate and key from the ACCEPT serials (DER), which override the config."""
     params = req.params
-    if params.cert_serial or params.privkey_serial:
-        if not (params.cert_serial and params.privkey_serial):
-            raise tlsctx.CredentialError("ACCEPT names only one of certificate and private key")
-        try:
-            cert = req.ctx.keys.read_key(params.cert_serial).payload
-            key = req.ctx.keys.read_key(params.privkey_serial).payload
-        except KeyServiceError as err:
-            raise tlsctx.CredentialError(f"cannot read key material: {err}") from err
-        tlsctx.use_der_credentials(context, cert, key)
-        return
-    if creds.cert_chain_pem is None or creds.private_key_pem is None:
-        raise tlsctx.CredentialError(f"no {role} certificate or private key configured")
-    tlsctx.use_pem_credentials(context, creds.cert_chain_pem, creds.private_key_pem)
-    if creds.pq_cert_chain_pem is not None and creds.pq_private_key_pem is not None:
-        tlsctx.use_pq_credentials(context, creds.pq_cert_chain_pem, creds.pq_private_key_pem)
+    if not (params.cert_serial and params.privkey_serial):
+        raise tlsctx.CredentialError("ACCEPT names only one of certificate and private key")
+    try:
+        cert = req.ctx.keys.read_key(params.cert_serial).payload
+        key = req.ctx.keys.read_key(params.privkey_serial).payload
+    except KeyServiceError as err:
+        raise tlsctx.CredentialError(f"cannot read key material: {err}") from err
+    tlsctx.use_der_credentials(context, cert, key)
 
 
 _PREPARERS: dict[tuple[int, int], Callable[[_Request], None]] = {
@@ -530,6 +535,10 @@ def _log_peer_certificate(req: _Request) -> None:
     ML-DSA or classic by signature_algorithms), for the debug log."""
     conn = req.conn
     assert conn is not None
+    # The arguments cost a certificate conversion and two parses per handshake;
+    # at the daemon's default level (INFO) nobody reads the line.
+    if not req.log.isEnabledFor(logging.DEBUG):
+        return
     cert = conn.get_peer_certificate(as_cryptography=True)
     if cert is not None:
         req.log.debug(

@@ -1,11 +1,13 @@
-"""Per-handshake OpenSSL contexts: TLS 1.3 policy, callbacks, credentials, trust.
+"""OpenSSL contexts: TLS 1.3 policy, callbacks, credentials, trust.
 
-A context is built for every handshake.  That costs well under a millisecond
-and lets each callback close over the one `TlsState` it feeds, so nothing about
-a handshake lives in module globals (a pre-forked worker serves many).  What is
-costly is parsing the configured PEM material (loading an RSA key validates it,
-tens of milliseconds), so the parsed objects, never contexts, are cached per
-PEM bytes: a worker parses its generation's credentials once.
+Every callback closes over the one `TlsState` it feeds, so nothing about a
+handshake lives in module globals.  A context serves exactly one handshake:
+either it is built for that handshake, or it is one the zygote built per
+configuration generation for a shape that only uses configured material
+(workers/contexts.py), taken once by the single-use worker it was forked
+into.  Parsing the configured PEM material is costly (loading an RSA key
+validates it, tens of milliseconds), so the parsed objects, never contexts,
+are also cached per PEM bytes for the contexts still built per handshake.
 """
 
 from __future__ import annotations
@@ -189,6 +191,16 @@ def install_servername_callback(
 
 
 # ---------------------------------------------------------------- credentials
+
+
+def use_configured_certificate(ctx: SSL.Context, creds: RoleCredentials, role: str) -> None:
+    """The role's configured certificate chain and key, and the ML-DSA pair
+    beside them if one is configured; raises CredentialError."""
+    if creds.cert_chain_pem is None or creds.private_key_pem is None:
+        raise CredentialError(f"no {role} certificate or private key configured")
+    use_pem_credentials(ctx, creds.cert_chain_pem, creds.private_key_pem)
+    if creds.pq_cert_chain_pem is not None and creds.pq_private_key_pem is not None:
+        use_pq_credentials(ctx, creds.pq_cert_chain_pem, creds.pq_private_key_pem)
 
 
 def use_pem_credentials(ctx: SSL.Context, chain_pem: bytes, key_pem: bytes) -> None:

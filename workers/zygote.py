@@ -109,6 +109,10 @@ class Zygote:
         warn_if_tickets_enabled()
         if warm_engine and not warm_up_engine(self.engine, self.generation):
             log.debug("zygote %d: the engine warm-up did not complete", os.getpid())
+        # After the warm-up, which must not use them up: each worker takes its copy once.
+        from tlshd.workers.contexts import prepare_contexts
+
+        prepare_contexts(self.generation.credentials)
         config = self.generation.config
         from tlshd.workers.privileges import PrivilegeError, drop_privileges
 
