@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import psutil
+# psutil is imported by the functions, at the first status request: at module
+# level it (and the subprocess module it loads) would cost the supervisor a
+# tenth of a second of start-up under emulation, for nothing until then.
 
 
 def process_pss(pid: int) -> int | None:
     """PSS of one process in bytes; None if it is gone or may not be read."""
+    import psutil
+
     try:
         return int(psutil.Process(pid).memory_full_info().pss)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, AttributeError):
@@ -32,6 +36,8 @@ def tree_memory(root_pid: int) -> dict[str, Any]:
     `complete` is false when a process of the tree could not be read, so the
     total then undercounts.  Processes that exit while being measured are left out.
     """
+    import psutil
+
     try:
         root = psutil.Process(root_pid)
         pids = [root_pid, *(child.pid for child in root.children(recursive=True))]

@@ -14,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import Callable, Iterator
 
 from tlshd.workers import kernelcaps
@@ -44,6 +42,10 @@ def attach_tls_ulp_once() -> bool:
 
 
 def run_modprobe() -> bool:
+    # Imported here: the fallback is rare, and both cost start-up time.
+    import shutil
+    import subprocess
+
     modprobe = shutil.which("modprobe") or next(
         (p for p in ("/usr/sbin/modprobe", "/sbin/modprobe") if os.path.exists(p)), None
     )

@@ -30,8 +30,6 @@ level, and finds OPENSSLDIR without loading the library.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import glob
 import importlib.util
 import logging
@@ -39,7 +37,6 @@ import mmap
 import os
 import re
 import sys
-import tempfile
 from typing import Any
 
 ENV_VAR = "OPENSSL_CONF"
@@ -84,7 +81,7 @@ def ensure_openssl_conf() -> str:
             ENV_VAR,
         )
     text = conf_text(system_openssl_conf())
-    directory = tempfile.mkdtemp(prefix="tlshd-openssl-")  # mode 0700
+    directory = _private_directory("tlshd-openssl-")
     path = os.path.join(directory, "openssl.cnf")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -92,6 +89,20 @@ def ensure_openssl_conf() -> str:
     os.environ[ENV_VAR] = path
     os.environ[MARKER_VAR] = path
     return path
+
+
+def _private_directory(prefix: str) -> str:
+    """A new directory only we can enter (0700) under $TMPDIR or /tmp, as
+    tempfile.mkdtemp makes one, without importing tempfile (shutil, random)."""
+    parent = os.environ.get("TMPDIR") or "/tmp"
+    for _ in range(100):
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused name for a private directory in {parent}")
 
 
 # --- which file OpenSSL would read without us ---------------------------------------
@@ -128,6 +139,12 @@ def openssldir() -> str | None:
         directory = openssldir_in_binary(binary)
         if directory is not None:
             return directory
+    # Only for a cryptography built against a shared libcrypto (a distribution's
+    # package); ctypes.util pulls in subprocess, shutil and tempfile, a tenth of
+    # a second of the daemon's start-up under emulation, so not at module level.
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("crypto")
     if name is None:
         return None

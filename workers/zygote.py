@@ -50,6 +50,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,7 @@ class Zygote:
         set_title(f"tlshd: zygote {self.generation.number}")
         with contextlib.suppress(OSError):  # back to normal priority from the supervisor's
             os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
+        steps = StepTimer()
         warm_engine = self.engine is None
         if self.engine is None:
             from tlshd.workers.engine import perform_handshake
@@ -103,16 +105,18 @@ class Zygote:
             require_bindings_or_exit()
         # Imported before the privilege drop: workers cannot read the installation.
         from tlshd.workers import base, seccomp  # noqa: F401
-
-        self.generation = parse_credentials_or_exit(self.generation)
-        warm_up_tls()
-        warn_if_tickets_enabled()
-        if warm_engine and not warm_up_engine(self.engine, self.generation):
-            log.debug("zygote %d: the engine warm-up did not complete", os.getpid())
-        # After the warm-up, which must not use them up: each worker takes its copy once.
         from tlshd.workers.contexts import prepare_contexts
 
+        steps.done("imports")
+        self.generation = parse_credentials_or_exit(self.generation)
+        steps.done("credentials")
+        warm_up_tls()
+        if warm_engine and not warm_up_engine(self.engine, self.generation):
+            log.debug("zygote %d: the engine warm-up did not complete", os.getpid())
+        steps.done("warm-up")
+        # After the warm-up, which must not use them up: each worker takes its copy once.
         prepare_contexts(self.generation.credentials)
+        steps.done("contexts")
         config = self.generation.config
         from tlshd.workers.privileges import PrivilegeError, drop_privileges
 
@@ -130,6 +134,9 @@ class Zygote:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
         gc.freeze()
+        steps.done("privileges")
+        # Where start-up goes, for whoever tunes it (benchmarks/README.md).
+        log.debug("zygote %d ready: %s", os.getpid(), steps)
         self.channel.setblocking(True)
         ipc.send_message(
             self.channel,
@@ -234,6 +241,22 @@ class Zygote:
 # --- helpers shared with the worker --------------------------------------------------
 
 
+class StepTimer:
+    """Seconds per named start-up step, said as "imports 1.20 s, ..."."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._steps: list[tuple[str, float]] = []
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self._steps.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self._steps)
+
+
 def require_bindings_or_exit() -> None:
     """The engine's private OpenSSL bindings (tlshd/selfcheck.py), checked here
     because the zygote is the first process that loads OpenSSL."""
@@ -322,36 +345,11 @@ def warm_up_tls() -> None:
     lazily: provider and cipher fetches, the P-256 group, ECDSA sign and
     verify, HKDF, AES-GCM, the DRBG.  Done here, before the fork of any worker,
     it is paid once and shared copy-on-write, so a worker's first handshake is
-    as fast as its hundredth.  The key and certificate are throw-away ones."""
-    from OpenSSL import SSL
-
-    from tlshd.openssl_conf import throwaway_identity
-
-    key, cert = throwaway_identity("tlshd warm-up")
-    server_ctx = SSL.Context(SSL.TLS_METHOD)
-    server_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    server_ctx.use_certificate(cert)
-    server_ctx.use_privatekey(key)
-    client_ctx = SSL.Context(SSL.TLS_METHOD)
-    client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    client_ctx.set_verify(SSL.VERIFY_PEER, lambda *_args: True)
-    server = SSL.Connection(server_ctx, None)
-    server.set_accept_state()
-    client = SSL.Connection(client_ctx, None)
-    client.set_connect_state()
-    for _ in range(10):
-        done = 0
-        for conn, peer in ((client, server), (server, client)):
-            try:
-                conn.do_handshake()
-                done += 1
-            except SSL.WantReadError:
-                pass
-            with contextlib.suppress(SSL.WantReadError):
-                peer.bio_write(conn.bio_read(65536))
-        if done == 2:
-            return
-    log.debug("zygote %d: warm-up handshake did not complete", os.getpid())
+    as fast as its hundredth.  The handshake is the NumTickets probe's
+    (tlshd/openssl_conf.py, throw-away key and certificate): one in-memory
+    handshake serves both, which under QEMU TCG is tens of milliseconds of
+    start-up saved.  Warns if OpenSSL did not apply NumTickets = 0."""
+    warn_if_tickets_enabled()
 
 
 class _NoKeys:
