@@ -100,6 +100,7 @@ def summarize(burst: dict[str, Any]) -> dict[str, Any]:
         "cancelled": sum(1 for r in reqs if "status" not in r),
         "failed": sum(1 for r in done if r["status"] != 0),
         "failed_statuses": sorted({r["status"] for r in done if r["status"] != 0}),
+        "refused": burst.get("submit_refused"),
         "p50_s": percentile(lat, 50),
         "p99_s": percentile(lat, 99),
         "max_s": max(lat) if lat else None,
@@ -129,7 +130,7 @@ def fmt(v: Any, unit: str = "") -> str:
 
 # For each metric: is larger worse?  The worst round is the max (or min).
 WORSE_IS_LARGER = {
-    "wall_s": True, "p99_s": True, "failed": True, "cancelled": True,
+    "wall_s": True, "p99_s": True, "failed": True, "cancelled": True, "refused": True,
     "cpu_ms_per_handshake": True, "peak_pss_mib": True, "idle_pss_mib": True,
     "ready_s": True, "mounts_ok": False,
 }  # fmt: skip
@@ -155,7 +156,8 @@ def median_and_worst(rounds: list[dict[str, Any]], key: str) -> tuple[Any, Any]:
 
 def table(rows: list[dict[str, Any]], mode: str) -> str:
     head = (
-        "| mounts | daemon | rounds | mounts ok (worst) | failed / cancelled (worst) "
+        "| mounts | daemon | rounds | mounts ok (worst) "
+        "| failed / cancelled / refused at submit (worst) "
         "| wall median / worst | p99 submit→complete median / worst "
         "| CPU per handshake (median) | PSS idle / peak (worst) | ready after (median) |"
     )
@@ -173,7 +175,8 @@ def table(rows: list[dict[str, Any]], mode: str) -> str:
             f"| {size} | {daemon} | {len(rounds)} "
             f"| {fmt(median_and_worst(rounds, 'mounts_ok')[1])}/{size} "
             f"| {fmt(median_and_worst(rounds, 'failed')[1])} / "
-            f"{fmt(median_and_worst(rounds, 'cancelled')[1])} "
+            f"{fmt(median_and_worst(rounds, 'cancelled')[1])} / "
+            f"{fmt(median_and_worst(rounds, 'refused')[1])} "
             f"| {mw('wall_s', ' s')} | {mw('p99_s', ' s')} "
             f"| {fmt(median_and_worst(rounds, 'cpu_ms_per_handshake')[0], ' ms')} "
             f"| {fmt(median_and_worst(rounds, 'idle_pss_mib')[1], ' MiB')} / "

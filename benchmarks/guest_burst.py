@@ -307,6 +307,9 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         idle_pss, idle_procs = tree_pss()
     events = lg.read_trace_since(mark)
     reqs = lg.fold_requests(events)
+    # Submissions the kernel refused at once (no record in `reqs`): EAGAIN when
+    # more than hn_pending_max requests wait unaccepted (kernel-protocol.md).
+    refused = [e["fields"].get("err", "?") for e in events if e["event"] == "handshake_submit_err"]
     kill_to_done = None
     if kill_result:
         kill_to_done = kill_delay(events, f"BURST KILL {kill_result['pid']}")
@@ -347,6 +350,8 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         "max_procs": sampler.max_procs,
         "pss_samples": sampler.samples,
         "requests": reqs,
+        "submit_refused": len(refused),
+        "submit_refused_errs": sorted(set(refused)),
         "kill_result": kill_result,
         "kill_to_done_s": kill_to_done,
         "daemon_status": stats,

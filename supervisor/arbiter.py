@@ -73,10 +73,15 @@ if TYPE_CHECKING:
 
 LOOP_MAX_WAIT_S = 1.0
 ACCEPT_SWEEP_INTERVAL_S = 2.0  # recovers requests whose READY was lost
-# ACCEPTs per loop pass: a burst is taken in slices, so worker results, deaths
-# (DONE at once) and hand-offs are served between slices rather than after the
-# whole burst; a full slice makes the next pass accept again without waiting.
-MAX_ACCEPTS_PER_PASS = 16
+# ACCEPTs per loop pass.  The kernel keeps at most hn_pending_max unaccepted
+# requests per netns, clamp(RAM / 400 MiB, 3, 50) (net/handshake/netlink.c:
+# handshake_net_init): 20 on an 8 GiB host.  A consumer submitting beyond it
+# gets EAGAIN at once, which nfsd and the sunrpc client treat as "TLS not
+# started" and retry with a new connection later: in a 64-mount burst that was
+# 77 refused submissions and the retries behind them (benchmarks/README.md).
+# So one pass drains the whole pending list (at most 50) before it does
+# anything else; a full pass makes the next one accept again without waiting.
+MAX_ACCEPTS_PER_PASS = 64
 # Forks asked of the zygote and not yet answered: enough to keep it busy
 # through a burst, few enough that its channel never fills.
 MAX_OUTSTANDING_FORKS = 16
