@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--daemons", nargs="+", default=["upstream", "ours"],
                     choices=["upstream", "ours"])  # fmt: skip
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--image", default="trixie",
+                    help="lab image: trixie (Debian 6.12, upstream 1.0.0) or forky "
+                         "(newest 7.x, upstream 1.4.0); tests/lab/README.md")  # fmt: skip
     ap.add_argument("--kill", type=int, default=0, help="kill-test burst size (0: none)")
     ap.add_argument("--memory", type=int, default=8192, help="guest MiB (>= 8192)")
     ap.add_argument("--timeout", type=int, default=3600, help="whole guest run, seconds")
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y%m%d-%H%M%S")
     res = run_guest(GUEST_SCRIPT.read_text(), daemon=args.daemons[-1], timeout=args.timeout,
                     results_dir=results, env=env, memory=args.memory,
-                    echo=args.echo)  # fmt: skip
+                    echo=args.echo, image=args.image)  # fmt: skip
     watch.stop.set()
     raw_path = res.results_dir / "burst.json"
     if not raw_path.is_file():
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started,
         "guest_seconds": round(res.seconds, 1),
         "guest_rc": res.returncode,
+        "image": args.image,
         "results_dir": str(res.results_dir),
         "foreign_qemu_during_run": sorted(watch.seen),
         "settings": raw["settings"],
