@@ -229,7 +229,14 @@ def run_guest(
             if interactive:
                 subprocess.run(cmd, check=False)
             else:
-                timed_out = _run_logged(cmd, console, timeout, echo)
+                for attempt in range(1 + BOOT_PANIC_RETRIES):
+                    timed_out = _run_logged(cmd, console, timeout, echo)
+                    if not _panicked_before_userspace(console, results):
+                        break
+                    kept = console.with_name(f"console.boot-panic-{attempt + 1}.log")
+                    console.rename(kept)
+                    print(f"lab: the guest kernel panicked while booting (see {kept}); "
+                          "booting again", file=sys.stderr)  # fmt: skip
             seconds = time.monotonic() - t0
     finally:
         lab_image.release()
@@ -238,6 +245,20 @@ def run_guest(
     timings["guest"] = round(seconds, 2)
     return GuestResult(rc, results, console, seconds, timed_out, lab_image.build_seconds, timings,
                        image, lab_image.kernel.version)  # fmt: skip
+
+
+# Under TCG the guest kernel sometimes dies before userspace, e.g. "Oops: int3"
+# in sched_clock_cpu while it patches static keys (emulator timing, seen on
+# 6.12 and 7.x alike).  Nothing of ours has run then, so the boot is retried.
+BOOT_PANIC_RETRIES = 2
+USERSPACE_MARK = b"lab: "  # the first line of guest/stage2.sh or systemd-stage2.sh
+
+
+def _panicked_before_userspace(console: Path, results: Path) -> bool:
+    if (results / "rc").is_file():
+        return False
+    text = console.read_bytes() if console.is_file() else b""
+    return b"Kernel panic" in text and USERSPACE_MARK not in text
 
 
 def _run_logged(cmd: list[str], console: Path, timeout: int, echo: bool) -> bool:
