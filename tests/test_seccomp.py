@@ -155,3 +155,52 @@ def test_filter_in_a_forked_child() -> None:
     os.close(read_end)
     assert os.waitstatus_to_exitcode(status) == 0 and answer == b"fork EPERM"
     assert not os.WIFSIGNALED(status) or os.WTERMSIG(status) != signal.SIGSYS
+
+
+# --- the program compiled once by the zygote ---------------------------------------
+
+
+@pytest.mark.parametrize("pid", [1, 4242, 4_194_303])  # 2^22 - 1: PID_MAX_LIMIT's last pid
+def test_the_prepared_program_is_what_libseccomp_compiles_for_that_pid(pid: int) -> None:
+    prepared = seccomp.compiled_program(seccomp.PID_SENTINEL)
+    assert seccomp.program_for(prepared, pid) == seccomp.compiled_program(pid)
+    assert seccomp.program_for(prepared, pid) != prepared  # the pid is in the program
+
+
+def test_a_worker_confined_by_the_prepared_program() -> None:
+    """A child of a process that prepared the program (as workers of the zygote):
+    other processes may not be signalled, itself may; fork and socket fail."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            assert seccomp.prepare_worker_filter()
+            child = os.fork()
+            if child == 0:  # the "worker"
+                seccomp.install_worker_filter()
+                outcomes = []
+                for name, attempt in (
+                    ("kill-parent", lambda: os.kill(os.getppid(), 0)),
+                    ("kill-self", lambda: os.kill(os.getpid(), 0)),
+                    ("socket", lambda: socket.socket().close()),
+                    ("fork", os.fork),
+                ):
+                    try:
+                        attempt()
+                        outcomes.append(f"{name}:ok")
+                    except PermissionError:
+                        outcomes.append(f"{name}:EPERM")
+                os.write(write_end, " ".join(outcomes).encode())
+                os._exit(0)
+            os.waitpid(child, 0)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read_end, 200).decode()
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert answer == "kill-parent:EPERM kill-self:ok socket:EPERM fork:EPERM"

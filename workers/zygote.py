@@ -116,6 +116,9 @@ class Zygote:
         steps.done("warm-up")
         # After the warm-up, which must not use them up: each worker takes its copy once.
         prepare_contexts(self.generation.credentials)
+        # Each worker then loads a compiled filter instead of compiling its own.
+        if not seccomp.prepare_worker_filter():
+            log.debug("zygote %d: workers compile their own seccomp filter", os.getpid())
         steps.done("contexts")
         config = self.generation.config
         from tlshd.workers.privileges import PrivilegeError, drop_privileges
