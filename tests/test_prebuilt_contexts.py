@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from tlshd.workers.engine import HandshakeContext, perform_handshake
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import running_daemon
 from tests.helpers.engines import accept_ktls
+from tests.helpers.forked import run_in_child
 from tests.peers import (
     FakeKeys,
     Pki,
@@ -185,22 +185,7 @@ def _child_server_handshake(
 
 def _in_child(job: Callable[[], dict[str, object]]) -> dict[str, object]:
     """Run `job` in a forked child; its JSON report."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(job()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        data = reader.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(data)  # type: ignore[no-any-return]
+    return json.loads(run_in_child(lambda: json.dumps(job()).encode()))  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------- same outcome, prepared or not

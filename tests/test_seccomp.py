@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
 import socket
 import time
 from typing import Any
@@ -22,6 +21,7 @@ from tlshd.workers import seccomp
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import recv_exactly, running_daemon
 from tests.helpers.engines import Peer, fake_ktls, gated_engine
+from tests.helpers.forked import run_in_child
 from tlshd.params import HandshakeParams, HandshakeResult
 
 pytestmark = pytest.mark.timeout(120)
@@ -133,28 +133,16 @@ def test_honest_workers_serve_under_the_filter() -> None:
 
 def test_filter_in_a_forked_child() -> None:
     """Directly, without a daemon: the child installs the filter and reports."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
+
+    def confined() -> bytes:
+        seccomp.install_worker_filter()
         try:
-            os.close(read_end)
-            seccomp.install_worker_filter()
-            try:
-                os.fork()
-                result = b"fork allowed"
-            except PermissionError:
-                result = b"fork EPERM"
-            os.write(write_end, result)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read_end, 100)
-    os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0 and answer == b"fork EPERM"
-    assert not os.WIFSIGNALED(status) or os.WTERMSIG(status) != signal.SIGSYS
+            os.fork()
+        except PermissionError:
+            return b"fork EPERM"
+        return b"fork allowed"
+
+    assert run_in_child(confined) == b"fork EPERM"
 
 
 # --- the program compiled once by the zygote ---------------------------------------
@@ -170,37 +158,26 @@ def test_the_prepared_program_is_what_libseccomp_compiles_for_that_pid(pid: int)
 def test_a_worker_confined_by_the_prepared_program() -> None:
     """A child of a process that prepared the program (as workers of the zygote):
     other processes may not be signalled, itself may; fork and socket fail."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_end)
-            assert seccomp.prepare_worker_filter()
-            child = os.fork()
-            if child == 0:  # the "worker"
-                seccomp.install_worker_filter()
-                outcomes = []
-                for name, attempt in (
-                    ("kill-parent", lambda: os.kill(os.getppid(), 0)),
-                    ("kill-self", lambda: os.kill(os.getpid(), 0)),
-                    ("socket", lambda: socket.socket().close()),
-                    ("fork", os.fork),
-                ):
-                    try:
-                        attempt()
-                        outcomes.append(f"{name}:ok")
-                    except PermissionError:
-                        outcomes.append(f"{name}:EPERM")
-                os.write(write_end, " ".join(outcomes).encode())
-                os._exit(0)
-            os.waitpid(child, 0)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read_end, 200).decode()
-    os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def worker() -> bytes:
+        seccomp.install_worker_filter()
+        outcomes = []
+        for name, attempt in (
+            ("kill-parent", lambda: os.kill(os.getppid(), 0)),
+            ("kill-self", lambda: os.kill(os.getpid(), 0)),
+            ("socket", lambda: socket.socket().close()),
+            ("fork", os.fork),
+        ):
+            try:
+                attempt()
+                outcomes.append(f"{name}:ok")
+            except PermissionError:
+                outcomes.append(f"{name}:EPERM")
+        return " ".join(outcomes).encode()
+
+    def zygote() -> bytes:
+        assert seccomp.prepare_worker_filter()
+        return run_in_child(worker)
+
+    answer = run_in_child(zygote).decode()
     assert answer == "kill-parent:EPERM kill-self:ok socket:EPERM fork:EPERM"
