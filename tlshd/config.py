@@ -388,7 +388,8 @@ class _Reader:
 
 # --- schema ---------------------------------------------------------------------
 
-_ROLE_KEYS = {
+# Every key of an [authenticate.*] section names a file: key -> RoleConfig field.
+ROLE_FILE_KEYS = {
     "x509.truststore": "truststore",
     "x509.crl": "crl",
     "x509.certificate": "certificate",
@@ -407,8 +408,8 @@ OBSOLETE_KEYS: dict[tuple[str, str], str] = {
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "debug": frozenset({"loglevel", "tls", "nl", "delay_done"}),
     "authenticate": frozenset({"keyrings"}),
-    "authenticate.client": frozenset(_ROLE_KEYS),
-    "authenticate.server": frozenset(_ROLE_KEYS),
+    "authenticate.client": frozenset(ROLE_FILE_KEYS),
+    "authenticate.server": frozenset(ROLE_FILE_KEYS),
     "pool": frozenset({"min_workers", "max_workers", "max_queued"}),
     "worker": frozenset({"user", "drop_privileges", "handshake_timeout_ms"}),
     "status": frozenset({"socket"}),
@@ -470,7 +471,7 @@ def _debug_int(reader: _Reader, key: str, lo: int = _INT_ANY[0]) -> int:
 
 
 def _read_role(reader: _Reader, section: str) -> RoleConfig:
-    values = {attr: reader.path_value(section, key) for key, attr in _ROLE_KEYS.items()}
+    values = {attr: reader.path_value(section, key) for key, attr in ROLE_FILE_KEYS.items()}
     return RoleConfig(**values)
 
 

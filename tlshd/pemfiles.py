@@ -17,7 +17,15 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from tlshd.config import MAX_PEM_BYTES, Config, ConfigKey, FileProblem, RoleConfig, read_bounded
+from tlshd.config import (
+    MAX_PEM_BYTES,
+    ROLE_FILE_KEYS,
+    Config,
+    ConfigKey,
+    FileProblem,
+    RoleConfig,
+    read_bounded,
+)
 
 ROLES = ("client", "server")
 ROLE_SECTIONS = {"client": "authenticate.client", "server": "authenticate.server"}
@@ -61,14 +69,8 @@ def reject_url(value: str, label: ConfigKey) -> None:
 
 def configured_files(role: str, rc: RoleConfig) -> Iterator[tuple[str, str]]:
     """(config key, path) of every file one role's section names."""
-    for key, path in (
-        ("x509.certificate", rc.certificate),
-        ("x509.private_key", rc.private_key),
-        ("x509.pq.certificate", rc.pq_certificate),
-        ("x509.pq.private_key", rc.pq_private_key),
-        ("x509.truststore", rc.truststore),
-        ("x509.crl", rc.crl),
-    ):
+    for key, field_name in ROLE_FILE_KEYS.items():
+        path = getattr(rc, field_name)
         if path:
             yield key, path
 
