@@ -79,6 +79,7 @@ SECCOMP_MODE_FILTER = 2
 PID_SENTINEL = 0x7E57_0A1D
 # struct sock_filter (linux/filter.h): u16 code, u8 jt, u8 jf, u32 k
 SOCK_FILTER = struct.Struct("=HBBI")
+K_OFFSET = 4  # of k in a sock_filter, after code, jt, jf
 
 
 class _SockFprog(ctypes.Structure):
@@ -93,16 +94,11 @@ class _Prepared:
     def __init__(self, program: bytes) -> None:
         self.code = ctypes.create_string_buffer(program, len(program))
         self.fprog = _SockFprog(len(program) // SOCK_FILTER.size, ctypes.addressof(self.code))
-        self.pid_offsets = tuple(
-            offset + 4  # k, after code, jt, jf
-            for offset in range(0, len(program) - SOCK_FILTER.size + 1, SOCK_FILTER.size)
-            if SOCK_FILTER.unpack_from(program, offset)[3] == PID_SENTINEL
-        )
+        self.pid_offsets = _pid_offsets(program)
         self.prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def load(self, pid: int) -> None:
-        for offset in self.pid_offsets:
-            struct.pack_into("=I", self.code, offset, pid)
+        _write_pid(self.code, self.pid_offsets, pid)
         _prctl(self.prctl, PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
         _prctl(self.prctl, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, "PR_SET_SECCOMP", self.fprog)
 
@@ -188,13 +184,26 @@ def compiled_program(pid: int) -> bytes:
 
 
 def program_for(program: bytes, pid: int) -> bytes:
-    """`program` with every comparison against PID_SENTINEL made against `pid`."""
+    """`program` with every comparison against PID_SENTINEL made against `pid`:
+    what a worker loads (the same patch as _Prepared.load)."""
     patched = bytearray(program)
-    for offset in range(0, len(patched) - SOCK_FILTER.size + 1, SOCK_FILTER.size):
-        code, jt, jf, k = SOCK_FILTER.unpack_from(patched, offset)
-        if k == PID_SENTINEL:
-            SOCK_FILTER.pack_into(patched, offset, code, jt, jf, pid)
+    _write_pid(patched, _pid_offsets(program), pid)
     return bytes(patched)
+
+
+def _pid_offsets(program: bytes) -> tuple[int, ...]:
+    """Offsets of the `k` fields that hold PID_SENTINEL."""
+    return tuple(
+        offset + K_OFFSET
+        for offset in range(0, len(program) - SOCK_FILTER.size + 1, SOCK_FILTER.size)
+        if SOCK_FILTER.unpack_from(program, offset)[3] == PID_SENTINEL
+    )
+
+
+def _write_pid(code: Any, offsets: tuple[int, ...], pid: int) -> None:
+    # `code`: a bytearray or the ctypes buffer prctl reads
+    for offset in offsets:
+        struct.pack_into("=I", code, offset, pid)
 
 
 def _prctl(prctl: Any, option: int, value: int, name: str, pointer: Any = None) -> None:
