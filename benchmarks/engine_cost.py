@@ -56,6 +56,7 @@ from tlshd.workers.contexts import prepare_contexts, prepared_shapes  # noqa: E4
 from tlshd.workers.engine import HandshakeContext, perform_handshake  # noqa: E402
 from tlshd.workers.zygote import warm_up_engine  # noqa: E402
 
+from tests.helpers.forked import run_in_child  # noqa: E402
 from tests.peers import Pki, engine_context, make_pki  # noqa: E402
 from tlshd.config import Config  # noqa: E402
 from tlshd.credentials import Credentials, RoleCredentials  # noqa: E402
@@ -148,27 +149,17 @@ class SingleUseWorkers:
         self.faults = 0  # minor page faults: mostly copy-on-write of the zygote's pages
 
     def run(self, handshake: Handshake, sock: socket.socket) -> None:
-        read_end, write_end = os.pipe()
+        def in_worker() -> bytes:
+            shapes = len(prepared_shapes())
+            c0, faults0 = cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            handshake(sock)
+            used = cpu() - c0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+            took = shapes - len(prepared_shapes())
+            return struct.pack("=dii", used, took, faults)
+
         children0 = cpu(resource.RUSAGE_CHILDREN)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                shapes = len(prepared_shapes())
-                c0, faults0 = cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                handshake(sock)
-                used = cpu() - c0
-                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-                took = shapes - len(prepared_shapes())
-                os.write(write_end, struct.pack("=dii", used, took, faults))
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as reader:
-            report = reader.read()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "a worker failed"
+        report = run_in_child(in_worker)
         self.children_cpu += cpu(resource.RUSAGE_CHILDREN) - children0
         used, took, faults = struct.unpack("=dii", report)
         self.engine_cpu += used

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import resource
 import sys
 from collections.abc import Callable
@@ -31,22 +30,19 @@ ensure_openssl_conf()
 import tlshd.workers.engine  # noqa: E402, F401  (the zygote's imports)
 from tlshd.workers import seccomp  # noqa: E402
 
+from tests.helpers.forked import run_in_child  # noqa: E402
+
 
 def per_child(action: Callable[[], None], n: int) -> tuple[float, float]:
     """(CPU ms, minor faults) per forked child that runs `action` and exits."""
+
+    def job() -> bytes:
+        action()
+        return b""
+
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for _ in range(n):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                action()
-            except BaseException:
-                code = 1
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit("a child failed")
+        run_in_child(job)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return cpu * 1000 / n, (after.ru_minflt - before.ru_minflt) / n
