@@ -351,6 +351,47 @@ def test_parse_options_names_values_and_last_repeat_wins() -> None:
         cli.parse_options(["--json"], cli._DAEMON_OPTS)  # a status option only
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-sc", "f"], {"stderr": True, "config": "f"}),
+        (["-cf"], {"config": "f"}),
+        (["--conf", "f", "--std"], {"config": "f", "stderr": True}),
+        (["--config=", "-s"], {"config": "", "stderr": True}),
+        (["-s", "--"], {"stderr": True}),
+        (["-c", "-s"], {"config": "-s"}),
+    ],
+)
+def test_parse_options_gnu_forms(args: list[str], expected: dict[str, object]) -> None:
+    assert cli.parse_options(args, cli._DAEMON_OPTS) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-x"], "option -x not recognized"),
+        (["-c"], "option -c requires argument"),
+        (["--config"], "option --config requires argument"),
+        (["--help=yes"], "option --help must not have an argument"),
+        (["--c"], "option --c not a unique prefix"),
+        (["--nope"], "option --nope not recognized"),
+        (["--", "x"], "unexpected argument 'x'"),
+        (["-"], "unexpected argument '-'"),
+    ],
+)
+def test_parse_options_errors_name_the_option(args: list[str], message: str) -> None:
+    with pytest.raises(cli.UsageError) as err:
+        cli.parse_options(args, cli._DAEMON_OPTS)
+    assert str(err.value) == message
+
+
+def test_cli_import_stays_off_gettext() -> None:
+    # getopt/argparse import gettext: 0.15 s of start-up under emulation (benchmarks/README.md).
+    code = "import sys, tlshd.cli; print('gettext' in sys.modules, 'json' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
+
+
 def test_status_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--help"]) == 0
     assert "tlshd status [--json]" in capsys.readouterr().err
