@@ -12,6 +12,8 @@ import errno
 import fcntl
 import os
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -181,3 +183,20 @@ def test_a_worker_confined_by_the_prepared_program() -> None:
 
     answer = run_in_child(zygote).decode()
     assert answer == "kill-parent:EPERM kill-self:ok socket:EPERM fork:EPERM"
+
+
+def test_pyseccomp_loads_without_running_ldconfig() -> None:
+    # ctypes.util.find_library runs `ldconfig -p` per name: ~0.1 s of the
+    # zygote's start-up under emulation (workers/seccomp.py, _import_pyseccomp).
+    code = (
+        "import ctypes.util, subprocess\n"
+        "real = ctypes.util.find_library\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError(f'ran {a[0]!r}')\n"
+        "subprocess.Popen = refuse\n"
+        "from tlshd.workers import seccomp\n"
+        "assert seccomp.load_error() is None, seccomp.load_error()\n"
+        "assert ctypes.util.find_library is real\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -37,8 +37,8 @@ moving to a maintained build of the official binding is a one-line import
 change once one ships wheels for every Python we run (mephi42-seccomp, the
 official binding repackaged, had none for CPython 3.11 in November 2026).
 
-The module loads pyseccomp at import, in the supervisor before fork: after
-the privilege drop the worker may not be able to read the installation.
+The module loads pyseccomp at import, in the zygote before it drops its
+privileges: after the drop a worker may not be able to read the installation.
 
 Compiled once.  libseccomp turns the rules into a BPF program in every
 seccomp_load: 1.4 ms of CPU and 320 page faults per worker on the host, a
@@ -59,11 +59,47 @@ import fcntl
 import os
 import struct
 import termios
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyseccomp import SyscallFilter
+
+# The sonames pyseccomp looks up at import, as the dynamic loader knows them.
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> Any:
+    """pyseccomp, imported with ctypes.util.find_library answered from the
+    loader's own search path where it can be.  pyseccomp resolves libc and
+    libseccomp with find_library at import, and on Linux each call runs
+    `ldconfig -p` in a subprocess: about 0.1 s of the zygote's start-up in
+    the TCG lab guest, for the names that dlopen() finds by soname anyway.
+    A soname dlopen() cannot load falls back to the real lookup."""
+    import ctypes.util
+
+    real_find_library = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        soname = _SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return real_find_library(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        import pyseccomp
+
+        return pyseccomp
+    finally:
+        ctypes.util.find_library = real_find_library
+
 
 try:
-    import pyseccomp as seccomp
-
+    seccomp = _import_pyseccomp()
     _LOAD_ERROR: str | None = None
 except (ImportError, OSError, RuntimeError) as exc:  # libseccomp.so.2 missing
     seccomp = None
@@ -215,7 +251,7 @@ def _prctl(prctl: Any, option: int, value: int, name: str, pointer: Any = None) 
         raise OSError(ctypes.get_errno(), f"prctl({name})")
 
 
-def _build(pid: int) -> seccomp.SyscallFilter:
+def _build(pid: int) -> SyscallFilter:
     allow, arg, eq = seccomp.ALLOW, seccomp.Arg, seccomp.EQ
     worker_filter = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
     for name in ALLOWED:
@@ -231,7 +267,7 @@ def _build(pid: int) -> seccomp.SyscallFilter:
     return worker_filter
 
 
-def _allow(worker_filter: seccomp.SyscallFilter, name: str) -> None:
+def _allow(worker_filter: SyscallFilter, name: str) -> None:
     try:
         number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
     except (OSError, ValueError):
