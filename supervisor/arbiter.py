@@ -39,6 +39,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tlshd import ipc
@@ -70,6 +71,8 @@ from .status import StatusServer, build_status
 
 if TYPE_CHECKING:
     from tlshd.credentials import Credentials
+
+    from .firstzygote import FirstZygote
 
 LOOP_MAX_WAIT_S = 1.0
 ACCEPT_SWEEP_INTERVAL_S = 2.0  # recovers requests whose READY was lost
@@ -123,18 +126,26 @@ class Arbiter:
         ktls_state: Callable[[socket.socket], tuple[str, bool, bool]] = handoff.ktls_state,
         notifier: Notifier | None = None,
         prepare_kernel: Callable[[], object] | None = None,
+        first_zygote: FirstZygote | None = None,
     ) -> None:
         self.config_path = config_path
         self._keyservice_for = (
             (lambda _c: keyservice) if keyservice is not None else _default_keyservice
         )
-        if credentials is None and files is None:
-            files = read_credential_files(config)
-        # Without parsed credentials the zygote parses `files`: the supervisor
-        # never imports cryptography on its way to READY (tlshd/pemfiles.py).
-        self.generation = Generation(
-            1, config, credentials, self._keyservice_for(config), files=files
-        )
+        if first_zygote is not None:
+            # Forked by the command line before this module was imported
+            # (supervisor/firstzygote.py); the key service is ours alone.
+            self.generation = replace(
+                first_zygote.generation, keyservice=self._keyservice_for(config)
+            )
+        else:
+            if credentials is None and files is None:
+                files = read_credential_files(config)
+            # Without parsed credentials the zygote parses `files`: the supervisor
+            # never imports cryptography on its way to READY (tlshd/pemfiles.py).
+            self.generation = Generation(
+                1, config, credentials, self._keyservice_for(config), files=files
+            )
         self.generations: dict[int, Generation] = {1: self.generation}
         self.netlink = netlink if netlink is not None else HandshakeNetlink()
         # None: the zygote imports the real engine itself, after the fork, so
@@ -145,7 +156,7 @@ class Arbiter:
         self.prepare_kernel = prepare_kernel
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue()
-        self.pool = WorkerPool()
+        self.pool = first_zygote.pool if first_zygote is not None else WorkerPool()
         self.stats = CompletionStats()
         self.broker = Broker(
             self.netlink, self.pool, self.stats, self.generations, self.unwatch, ktls_state
@@ -211,9 +222,14 @@ class Arbiter:
         # TLS_TX_MAX_PAYLOAD_LEN exists), and a worker cannot probe it itself.
         if self.prepare_kernel is not None:
             self.prepare_kernel()
-        # Then the zygote: its imports and warm-up are the longest part of
-        # start-up, and they overlap with the rest of it on another CPU.
-        self.spawn_zygote()
+        # Then the zygote, unless the command line forked it already: its
+        # imports and warm-up are the longest part of start-up, and they
+        # overlap with the rest of it on another CPU.
+        first = self.pool.live_zygote(self.generation.number)
+        if first is not None:
+            self.watch_zygote(first)
+        else:
+            self.spawn_zygote()
         try:
             self.netlink.open()
         except HandshakeFamilyMissing:
@@ -355,11 +371,14 @@ class Arbiter:
             log.error("cannot fork a zygote: %s; retrying", err)
             self.respawn_at = time.monotonic() + 1.0
             return None
+        self.watch_zygote(zygote)
+        return zygote
+
+    def watch_zygote(self, zygote: ZygoteHandle) -> None:
         assert zygote.sock is not None
         self.selector.register(
             zygote.sock, selectors.EVENT_READ, lambda _ev, z=zygote: self._on_zygote_readable(z)
         )
-        return zygote
 
     def _on_zygote_readable(self, zygote: ZygoteHandle) -> None:
         for _ in range(4 * MAX_OUTSTANDING_FORKS):
@@ -754,20 +773,19 @@ def process_age_s() -> float:
     return now - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_daemon(config_path: str, config: Config) -> int:
-    """The daemon's life after the CLI loaded the config; the exit status."""
+def run_daemon(config_path: str, config: Config, first_zygote: FirstZygote) -> int:
+    """The daemon's life after the command line loaded the config and forked
+    the first zygote (supervisor/firstzygote.py); the exit status."""
     from .tlsmodule import ensure_tls_module
 
     set_title("tlshd: supervisor")
     try:
-        files = read_credential_files(config)
-    except CredentialsError as err:
-        log.error("%s", err)
-        return 1
-    try:
-        arbiter = Arbiter(config_path, config, files=files, prepare_kernel=ensure_tls_module)
+        arbiter = Arbiter(
+            config_path, config, prepare_kernel=ensure_tls_module, first_zygote=first_zygote
+        )
     except ImportError as err:
         log.error("cannot start: %s", err)
+        first_zygote.abandon()
         return 1
     return arbiter.run()
 

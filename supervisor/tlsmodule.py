@@ -74,6 +74,15 @@ def ensure_tls_module() -> bool:
     return loaded
 
 
+def probe_kernel_caps() -> None:
+    """What ensure_tls_module records, for the first zygote, which is forked
+    before the supervisor runs it (supervisor/firstzygote.py) and probes as
+    root.  Setting the tls ULP loads tls.ko for a caller with CAP_NET_ADMIN
+    (net/ipv4/tcp_ulp.c: __tcp_ulp_find_autoload); if only `modprobe` could
+    load it, the answer is "no", the safe one, for this generation only."""
+    kernelcaps.record_caps_tx_records(tx_max_payload_len_supported())
+
+
 def _load_tls_module() -> bool:
     if tls_module_present() or attach_tls_ulp_once():
         return True

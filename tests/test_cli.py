@@ -140,17 +140,30 @@ def test_bad_config_exits_1(tmp_path: Path) -> None:
     assert f"{tmp_path}/missing: configuration file not found" in proc.stderr
 
 
-def test_run_hands_over_to_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_forks_the_zygote_then_hands_over_to_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "config"
     path.write_text("[debug]\nloglevel=1\n[bogus]\n")
-    calls: list[tuple[str, Config]] = []
-    fake = types.ModuleType("tlshd.supervisor.arbiter")
-    fake.run_daemon = lambda p, c: calls.append((p, c)) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tlshd.supervisor.arbiter", fake)
+    calls: list[tuple[str, Config, object]] = []
+    first_zygote = object()
+    fake_arbiter = types.ModuleType("tlshd.supervisor.arbiter")
+    fake_arbiter.run_daemon = lambda p, c, f: calls.append((p, c, f)) or 7  # type: ignore[attr-defined]
+
+    def fork_first_zygote(config: Config, **_kw: object) -> object:
+        # The arbiter is only importable from here on: the zygote must be
+        # forked before the supervisor imports its loop (supervisor/firstzygote.py).
+        monkeypatch.setitem(sys.modules, "tlshd.supervisor.arbiter", fake_arbiter)
+        return first_zygote
+
+    fake_first = types.ModuleType("tlshd.supervisor.firstzygote")
+    fake_first.fork_first_zygote = fork_first_zygote  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tlshd.supervisor.firstzygote", fake_first)
+    monkeypatch.delitem(sys.modules, "tlshd.supervisor.arbiter", raising=False)
     monkeypatch.setattr("tlshd.log.setup_logging", lambda **kw: None)
     assert cli.main(["-s", "-c", str(path)]) == 7
-    ((got_path, config),) = calls
-    assert got_path == str(path)
+    ((got_path, config, got_first),) = calls
+    assert got_path == str(path) and got_first is first_zygote
     assert config.loglevel == 1 and config.warnings
 
 

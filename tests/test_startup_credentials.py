@@ -4,11 +4,14 @@ files, and the zygote parses them (tlshd/pemfiles.py, workers/zygote.py)."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from tests.fakekernel import FakeKernel
 from tests.helpers.daemon import config_text, running_daemon, short_tmpdir, start_daemon
@@ -57,6 +60,53 @@ def test_the_zygote_parses_the_files_the_supervisor_read(kernel: FakeKernel, pki
     ):
         peer = Peer(kernel)
         assert peer.request.wait_done(20) == (0, ())
+
+
+def test_the_zygote_forked_before_the_arbiter_serves_generation_1(
+    kernel: FakeKernel, pki: Pki
+) -> None:
+    directory = short_tmpdir()
+    config = server_config(directory, pki.server.cert_path, pki.server.key_path)
+    with running_daemon(
+        kernel, credentials_engine, config=config, directory=directory, first_zygote=True
+    ) as daemon:
+        assert Peer(kernel).request.wait_done(20) == (0, ())
+        status = daemon.wait_for(
+            lambda d: any(w["pid"] and w["state"] == "idle" for w in d["workers"]),
+            what="a spare worker",
+        )
+        (zygote,) = status["zygotes"]
+        assert zygote["generation"] == 1 and zygote["state"] == "ready"
+        # Its workers are its children: it was not replaced by a second fork.
+        spare_pids = [w["pid"] for w in status["workers"] if w["pid"] and w["state"] == "idle"]
+        assert all(psutil.Process(pid).ppid() == zygote["pid"] for pid in spare_pids)
+        assert daemon.log().count("spawned zygote") == 1
+
+
+def caps_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Succeeds only if this worker inherited "the kernel caps TX records"."""
+    from tlshd.workers import kernelcaps
+
+    if not kernelcaps.caps_tx_records():
+        return HandshakeResult(status=errno.EOPNOTSUPP, detail="no kernel caps inherited")
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE-CIPHER")
+
+
+def record_caps_as_root() -> None:
+    from tlshd.workers import kernelcaps
+
+    # As root, like the real probe: the zygote has not dropped privileges yet.
+    kernelcaps.record_caps_tx_records(os.geteuid() == 0)
+
+
+def test_the_first_zygote_probes_the_kernel_for_its_workers(kernel: FakeKernel) -> None:
+    # The supervisor probes the kernel after the first zygote was forked
+    # (supervisor/firstzygote.py), so that zygote probes it itself.
+    with running_daemon(
+        kernel, caps_engine, first_zygote=True, zygote_prepare_kernel=record_caps_as_root
+    ):
+        assert Peer(kernel).request.wait_done(20) == (0, ())
 
 
 def test_a_pem_file_that_does_not_parse_stops_the_daemon_naming_it(

@@ -5,6 +5,7 @@ workers, real loopback TCP sockets.  The handshake engine is a small fake
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import time
 
@@ -220,6 +221,7 @@ def test_family_missing_exits_1_with_message() -> None:
 
 def test_run_daemon_on_a_kernel_without_the_family(caplog: pytest.LogCaptureFixture) -> None:
     from tlshd.supervisor.arbiter import run_daemon
+    from tlshd.supervisor.firstzygote import fork_first_zygote
 
     from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink
 
@@ -238,15 +240,19 @@ def test_run_daemon_on_a_kernel_without_the_family(caplog: pytest.LogCaptureFixt
     directory = short_tmpdir()
     path = directory / "tlshd.conf"
     path.write_text(config_text(directory / "status.sock"))
+    config = load_config(str(path))
+    first_zygote = fork_first_zygote(config)
     propagate, log.propagate = log.propagate, True
     try:
         with caplog.at_level("INFO", logger="tlshd"):
-            assert run_daemon(str(path), load_config(str(path))) == 1
+            assert run_daemon(str(path), config, first_zygote) == 1
     finally:
         log.propagate = propagate
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("Linux >= 6.5" in message for message in errors), errors
     assert not (directory / "status.sock").exists()
+    with pytest.raises(ChildProcessError):  # the zygote forked first was reaped
+        os.waitpid(first_zygote.zygote.pid, os.WNOHANG)
 
 
 def test_sigint_fails_in_flight_at_once(kernel: FakeKernel) -> None:

@@ -245,12 +245,30 @@ def run_main(config_arg: str | None, to_stderr: bool) -> int:
     for warning in config.warnings:
         log.warning("%s", warning)
     set_debug(config.loglevel != 0)
+    # The first zygote is forked before the supervisor imports its loop, so
+    # that the two start-ups overlap (supervisor/firstzygote.py says why).
+    try:
+        from tlshd.pemfiles import CredentialsError
+        from tlshd.supervisor.firstzygote import fork_first_zygote
+        from tlshd.supervisor.tlsmodule import probe_kernel_caps
+    except ImportError as err:
+        log.error("cannot start the supervisor: %s", err)
+        return 1
+    try:
+        first_zygote = fork_first_zygote(config, prepare_kernel=probe_kernel_caps)
+    except CredentialsError as err:
+        log.error("%s", err)
+        return 1
+    except OSError as err:
+        log.error("cannot fork the zygote: %s", err.strerror or err)
+        return 1
     try:
         from tlshd.supervisor.arbiter import run_daemon
     except ImportError as err:
         log.error("cannot start the supervisor: %s", err)
+        first_zygote.abandon()
         return 1
-    return run_daemon(path, config)
+    return run_daemon(path, config, first_zygote)
 
 
 # --- check-config -------------------------------------------------------------------

@@ -77,13 +77,17 @@ class Zygote:
         engine: Engine | None,
         close_inherited: Callable[[], None] = lambda: None,
         install_ktls: Callable[..., None] | None = None,
+        prepare_kernel: Callable[[], object] | None = None,
     ) -> None:
-        """Runs in the supervisor before fork: only records what the child needs."""
+        """Runs in the supervisor before fork: only records what the child needs.
+        `prepare_kernel` runs first in the child, as root: the first zygote is
+        forked before the supervisor probed the kernel (supervisor/firstzygote.py)."""
         self.channel = channel
         self.generation = generation
         self.engine = engine
         self.close_inherited = close_inherited
         self.install_ktls = install_ktls
+        self.prepare_kernel = prepare_kernel
         self._wake_r = self._wake_w = -1
 
     # --- start-up (in the forked child) ------------------------------------------
@@ -97,6 +101,8 @@ class Zygote:
         with contextlib.suppress(OSError):  # back to normal priority from the supervisor's
             os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
         steps = StepTimer()
+        if self.prepare_kernel is not None:
+            self.prepare_kernel()
         warm_engine = self.engine is None
         if self.engine is None:
             from tlshd.workers.engine import perform_handshake

@@ -192,12 +192,16 @@ def start_daemon(
     credentials: Credentials | None = None,
     read_pem_files: bool = False,
     in_child: Callable[[], None] | None = None,
+    first_zygote: bool = False,
+    zygote_prepare_kernel: Callable[[], object] | None = None,
     **arbiter_kwargs: Any,
 ) -> Daemon:
     """Fork a daemon; `in_child` runs in it before the Arbiter is built.
 
     `read_pem_files`: start as production does, the supervisor reading the
-    config's PEM files and the zygote parsing them (`credentials` unused)."""
+    config's PEM files and the zygote parsing them (`credentials` unused).
+    `first_zygote`: also fork the zygote before the Arbiter is built, as the
+    command line does (supervisor/firstzygote.py); implies `read_pem_files`."""
     directory = directory or short_tmpdir()
     status_path = directory / "status.sock"
     config_path = directory / "tlshd.conf"
@@ -219,6 +223,16 @@ def start_daemon(
             os.environ.update(environ or {})
             if in_child is not None:
                 in_child()
+            if first_zygote:
+                from tlshd.supervisor.firstzygote import fork_first_zygote
+
+                arbiter_kwargs["first_zygote"] = fork_first_zygote(
+                    loaded,
+                    engine=engine,
+                    install_ktls=arbiter_kwargs["install_ktls"],
+                    prepare_kernel=zygote_prepare_kernel,
+                )
+                read_pem_files = True
             from tlshd.supervisor.arbiter import Arbiter
 
             arbiter = Arbiter(
