@@ -110,6 +110,12 @@ def summarize(burst: dict[str, Any]) -> dict[str, Any]:
             if done and burst.get("cpu_busy_s") is not None
             else None
         ),
+        # Ours only: upstream's reaped children never reach cutime.
+        "daemon_cpu_ms_per_handshake": (
+            round(burst["daemon_cpu_s"] * 1000 / len(done), 1)
+            if done and burst.get("daemon_cpu_s") is not None
+            else None
+        ),
         "peak_pss_mib": round(burst["peak_pss_bytes"] / 2**20, 1),
         "idle_pss_mib": round((burst.get("idle_pss_bytes") or 0) / 2**20, 1),
         "max_procs": burst["max_procs"],
@@ -131,7 +137,8 @@ def fmt(v: Any, unit: str = "") -> str:
 # For each metric: is larger worse?  The worst round is the max (or min).
 WORSE_IS_LARGER = {
     "wall_s": True, "p99_s": True, "failed": True, "cancelled": True, "refused": True,
-    "cpu_ms_per_handshake": True, "peak_pss_mib": True, "idle_pss_mib": True,
+    "cpu_ms_per_handshake": True, "daemon_cpu_ms_per_handshake": True,
+    "peak_pss_mib": True, "idle_pss_mib": True,
     "ready_s": True, "mounts_ok": False,
 }  # fmt: skip
 
@@ -159,9 +166,10 @@ def table(rows: list[dict[str, Any]], mode: str) -> str:
         "| mounts | daemon | rounds | mounts ok (worst) "
         "| failed / cancelled / refused at submit (worst) "
         "| wall median / worst | p99 submit→complete median / worst "
-        "| CPU per handshake (median) | PSS idle / peak (worst) | ready after (median) |"
+        "| CPU per handshake (median) | daemon's own CPU per handshake (median) "
+        "| PSS idle / peak (worst) | ready after (median) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     errors = [r for r in rows if "error" in r and r.get("mode") == mode]
     for (m, size, daemon), rounds in sorted(groups(rows).items()):
         if m != mode:
@@ -179,6 +187,7 @@ def table(rows: list[dict[str, Any]], mode: str) -> str:
             f"{fmt(median_and_worst(rounds, 'refused')[1])} "
             f"| {mw('wall_s', ' s')} | {mw('p99_s', ' s')} "
             f"| {fmt(median_and_worst(rounds, 'cpu_ms_per_handshake')[0], ' ms')} "
+            f"| {fmt(median_and_worst(rounds, 'daemon_cpu_ms_per_handshake')[0], ' ms')} "
             f"| {fmt(median_and_worst(rounds, 'idle_pss_mib')[1], ' MiB')} / "
             f"{fmt(median_and_worst(rounds, 'peak_pss_mib')[1], ' MiB')} "
             f"| {fmt(median_and_worst(rounds, 'ready_s')[0], ' s')} |"
