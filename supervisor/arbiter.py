@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
+from tlshd.heap import trim_heap
 from tlshd.log import log, log_oserror, set_debug
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
 from tlshd.params import Engine, HandshakeParams
@@ -750,6 +751,7 @@ class Arbiter:
                 self.config.pool.max_workers,
             )
             self.notifier.ready()
+            trim_heap()  # after READY: it costs time, and saves memory for as long as we run
         live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
         self.notifier.set_status(
             f"{live} workers ({idle} idle), {self.broker.in_flight()} in flight, "

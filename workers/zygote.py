@@ -58,6 +58,7 @@ from tlshd.workers import WORKER_BOOT_ERROR
 
 from tlshd import ipc
 from tlshd.children import reap_exited
+from tlshd.heap import trim_heap
 from tlshd.log import log
 from tlshd.openssl_conf import warn_if_tickets_enabled
 from tlshd.params import Engine
@@ -142,6 +143,8 @@ class Zygote:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+        # Before the first fork, so no worker shares the start-up's dead pages.
+        trim_heap()
         gc.freeze()
         steps.done("privileges")
         # Where start-up goes, for whoever tunes it (benchmarks/README.md).
