@@ -34,12 +34,18 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tlshd.config import Config, ConfigKey, Finding, RoleConfig
+from tlshd.keyformats import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
 from tlshd.pemfiles import ROLES, CredentialFiles, key_label, read_file, reject_url
 from tlshd.pemfiles import CredentialsError as CredentialsError  # callers import it from here
 
@@ -110,7 +116,7 @@ def parse_private_key(
     """The PEM private key in `data`; CredentialsError if it is unusable for TLS
     1.3 (`pq`: unless it is an ML-DSA key, what x509.pq.private_key holds)."""
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = load_pem_private_key(data, password=None)
     except TypeError:
         raise CredentialsError(path, label, "encrypted private keys are not supported") from None
     except (ValueError, UnsupportedAlgorithm) as err:
@@ -135,7 +141,7 @@ def parse_crls(data: bytes, path: str, label: ConfigKey) -> list[x509.Certificat
 def _spki(key: object) -> bytes:
     # Any public key type of cryptography's has public_bytes; object keeps the callers simple.
     der: bytes = key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     )
     return der
 
@@ -146,7 +152,7 @@ def key_matches_certificate(key: object, cert: x509.Certificate) -> bool:
 
 
 def _pem(objects: list[x509.Certificate] | list[x509.CertificateRevocationList]) -> bytes:
-    return b"".join(o.public_bytes(serialization.Encoding.PEM) for o in objects)
+    return b"".join(o.public_bytes(Encoding.PEM) for o in objects)
 
 
 # How a loader gets a file's bytes: read_file, or CredentialFiles.read.
@@ -183,9 +189,9 @@ def _load_pair(
                 key_path, label, f"does not match the certificate in {cert_path}"
             )
         key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            Encoding.PEM,
+            PrivateFormat.PKCS8,
+            NoEncryption(),
         )
     return chain_pem, key_pem
 

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 from tlshd.workers import contexts, ktls, psk, tlsctx, verify
@@ -35,6 +34,7 @@ from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY
 from tlshd.config import Config
 from tlshd.credentials import Credentials, RoleCredentials
 from tlshd.ipc import X509_SERVER_PEER_ID
+from tlshd.keyformats import Encoding
 from tlshd.keys import KeyMaterial, KeyService, KeyServiceError
 from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import IPPROTO_TCP, MAX_REMOTE_AUTH, AuthMode, MsgType

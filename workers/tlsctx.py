@@ -18,14 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import (
-    load_der_private_key,
-    load_pem_private_key,
-)
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
 from tlshd.credentials import RoleCredentials
+from tlshd.keyformats import load_der_private_key, load_pem_private_key
 
 # kTLS-capable suites only (upstream ktls.c), in OpenSSL's default preference order.
 TLS13_SUITES = (
