@@ -401,7 +401,9 @@ def test_parse_options_errors_name_the_option(args: list[str], message: str) -> 
 def test_cli_import_stays_off_gettext() -> None:
     # getopt/argparse import gettext: 0.15 s of start-up under emulation (benchmarks/README.md).
     # platform: keyring reads os.uname() instead (45 ms under emulation).
-    code = "import sys, tlshd.cli; print(sorted({'gettext', 'json', 'platform'} & set(sys.modules)))"
+    code = (
+        "import sys, tlshd.cli\nprint(sorted({'gettext', 'json', 'platform'} & set(sys.modules)))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
