@@ -110,12 +110,7 @@ def summarize(burst: dict[str, Any]) -> dict[str, Any]:
             if done and burst.get("cpu_busy_s") is not None
             else None
         ),
-        # Ours only: upstream's reaped children never reach cutime.
-        "daemon_cpu_ms_per_handshake": (
-            round(burst["daemon_cpu_s"] * 1000 / len(done), 1)
-            if done and burst.get("daemon_cpu_s") is not None
-            else None
-        ),
+        "daemon_cpu_ms_per_handshake": _per_handshake_ms(daemon_cpu_s(burst), len(done)),
         "peak_pss_mib": round(burst["peak_pss_bytes"] / 2**20, 1),
         "idle_pss_mib": round((burst.get("idle_pss_bytes") or 0) / 2**20, 1),
         "max_procs": burst["max_procs"],
@@ -124,6 +119,19 @@ def summarize(burst: dict[str, Any]) -> dict[str, Any]:
         out["kill"] = burst.get("kill_result")
         out["kill_to_done"] = burst.get("kill_to_done_s")
     return out
+
+
+def daemon_cpu_s(burst: dict[str, Any]) -> float | None:
+    """The daemon's cgroup figure (both daemons); without a cgroup, ours from
+    its process tree (upstream's reaped children never reach cutime)."""
+    for key in ("daemon_cgroup_cpu_s", "daemon_cpu_s"):
+        if burst.get(key) is not None:
+            return float(burst[key])
+    return None
+
+
+def _per_handshake_ms(seconds: float | None, handshakes: int) -> float | None:
+    return round(seconds * 1000 / handshakes, 1) if seconds is not None and handshakes else None
 
 
 def fmt(v: Any, unit: str = "") -> str:
@@ -197,21 +205,53 @@ def table(rows: list[dict[str, Any]], mode: str) -> str:
     return "\n".join(lines)
 
 
+def paired_rounds(
+    rows: list[dict[str, Any]], mode: str, size: int
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(ours, upstream) of the same round: the same boot, one after the other."""
+    g = groups(rows)
+    up_by_round = {r["label"].split("-")[0]: r for r in g.get((mode, size, "upstream"), [])}
+    ours = g.get((mode, size, "ours"), [])
+    pairs = [(r, up_by_round.get(r["label"].split("-")[0])) for r in ours]
+    return [(o, u) for o, u in pairs if u is not None]
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> str:
+    """Ours / upstream, round by round: wall, p99 and guest CPU per handshake."""
+    lines = [
+        "| mode, mounts | wall, round by round | median | p99, round by round "
+        "| CPU per handshake (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, size in sorted({(k[0], k[1]) for k in groups(rows)}):
+        pairs = paired_rounds(rows, mode, size)
+        if not pairs:
+            continue
+        wall = [o["wall_s"] / u["wall_s"] for o, u in pairs]
+        p99 = [o["p99_s"] / u["p99_s"] for o, u in pairs if o["p99_s"] and u["p99_s"]]
+        cpu = [o["cpu_ms_per_handshake"] / u["cpu_ms_per_handshake"] for o, u in pairs
+               if o["cpu_ms_per_handshake"] and u["cpu_ms_per_handshake"]]  # fmt: skip
+        lines.append(
+            f"| {mode}, {size} | {' '.join(f'{r:.2f}' for r in wall)} "
+            f"| {statistics.median(wall):.2f} | {' '.join(f'{r:.2f}' for r in p99)} "
+            f"| {fmt(statistics.median(cpu) if cpu else None)} |"
+        )
+    return "\n".join(lines)
+
+
 def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
     """The issue's targets, per size: ours against upstream of the same round (same boot)."""
     g = groups(rows)
     out = []
     for size in sorted({k[1] for k in g if k[0] == mode}):
-        ours, up = g.get((mode, size, "ours"), []), g.get((mode, size, "upstream"), [])
+        ours = g.get((mode, size, "ours"), [])
         if not ours:
             continue
         checks = []
         clean = all(r["failed"] == 0 and r["cancelled"] == 0 and r["mounts_ok"] == size
                     for r in ours)  # fmt: skip
         checks.append(f"0 failed/cancelled and every mount in every round: {_yes(clean)}")
-        up_by_round = {r["label"].split("-")[0]: r for r in up}
-        paired = [(r, up_by_round.get(r["label"].split("-")[0])) for r in ours]
-        paired = [(o, u) for o, u in paired if u is not None]
+        paired = paired_rounds(rows, mode, size)
         if paired:
             ratios = [o["wall_s"] / u["wall_s"] for o, u in paired]
             checks.append(f"wall <= 1.0x upstream every round: {_yes(max(ratios) <= 1.0)} "
@@ -224,12 +264,13 @@ def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
             if p99:
                 checks.append(f"p99 <= upstream's every round: {_yes(all(a <= b for a, b in p99))} "
                               f"(worst {max(a / b for a, b in p99):.2f}x)")  # fmt: skip
-            cpu = [(o["cpu_ms_per_handshake"], u["cpu_ms_per_handshake"]) for o, u in paired
-                   if o["cpu_ms_per_handshake"] and u["cpu_ms_per_handshake"]]  # fmt: skip
-            if cpu:
-                ratio = statistics.median(a / b for a, b in cpu)
-                checks.append(f"CPU per handshake <= 3x upstream: {_yes(ratio <= 3)} "
-                              f"({ratio:.2f}x, median)")  # fmt: skip
+            for key, what in (("cpu_ms_per_handshake", "guest CPU"),
+                              ("daemon_cpu_ms_per_handshake", "daemon CPU")):  # fmt: skip
+                cpu = [(o[key], u[key]) for o, u in paired if o[key] and u[key]]
+                if cpu:
+                    ratio = statistics.median(a / b for a, b in cpu)
+                    checks.append(f"{what} per handshake <= 3x upstream: {_yes(ratio <= 3)} "
+                                  f"({ratio:.2f}x, median)")  # fmt: skip
         idle = median_and_worst(ours, "idle_pss_mib")[1]
         peak = median_and_worst(ours, "peak_pss_mib")[1]
         if idle is not None:
@@ -245,6 +286,21 @@ def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
 
 def _yes(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def print_report(rows: list[dict[str, Any]], modes: list[str]) -> None:
+    for mode in modes:
+        print(f"\n{mode} mode\n")
+        print(table(rows, mode))
+    print("\nours / upstream, round by round\n")
+    print(ratio_table(rows))
+    print()
+    for r in rows:
+        if "kill" in r:
+            print(f"kill-to-DONE(-EIO): {r['kill_to_done']} (killed {r['kill']})")
+    for mode in modes:
+        for line in targets(rows, mode):
+            print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results", help="JSON output directory")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for other QEMUs")
     ap.add_argument("--echo", action="store_true", help="copy the guest console to stderr")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="print the tables of an earlier run's results, run nothing")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.summarize is not None:
+        doc = json.loads(args.summarize.read_text())
+        print_report([summarize(b) for b in doc["bursts"]], doc["settings"]["modes"])
+        return 0
 
     if not args.no_wait:
         wait_for_quiet_host()
@@ -303,16 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"burst-{started}.json"
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    for mode in args.modes:
-        print(f"\n{mode} mode\n")
-        print(table(rows, mode))
-    print()
-    for r in rows:
-        if "kill" in r:
-            print(f"kill-to-DONE(-EIO): {r['kill_to_done']} (killed {r['kill']})")
-    for mode in args.modes:
-        for line in targets(rows, mode):
-            print(line)
+    print_report(rows, args.modes)
     if watch.seen:
         print(f"WARNING: other QEMU ran during the measurement: {sorted(watch.seen)}")
     print(f"raw results: {out}; guest files: {res.results_dir}")

@@ -127,6 +127,37 @@ def tree_cpu_with_reaped() -> float:
     return total
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def daemon_cgroup(kind: str) -> Path | None:
+    """A cgroup v2 directory of its own for `kind`'s daemon, or None.
+
+    Its cpu.stat counts every process that ever ran in it, reaped or not, so
+    it measures both daemons the same way (upstream's children, which it
+    never waits for, included)."""
+    try:
+        if not (CGROUP_ROOT / "cgroup.controllers").exists():
+            lg.sh(["mount", "-t", "cgroup2", "cgroup2", str(CGROUP_ROOT)], check=False)
+        path = CGROUP_ROOT / f"tlshd-burst-{kind}"
+        path.mkdir(exist_ok=True)
+        return path if (path / "cpu.stat").exists() else None
+    except OSError as err:
+        lg.log(f"no cgroup for {kind}: {err}")
+        return None
+
+
+def cgroup_cpu_s(path: Path | None) -> float | None:
+    """usage_usec of the cgroup's cpu.stat (always there in cgroup v2), in s."""
+    if path is None:
+        return None
+    for line in (path / "cpu.stat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "usage_usec":
+            return int(value) / 1e6
+    return None
+
+
 def settle(max_s: float = 90.0) -> float:
     """Wait until the daemon's processes use < 2% CPU over a second (started up)."""
     t0 = time.monotonic()
@@ -184,6 +215,9 @@ def cpu_ticks() -> tuple[int, int]:
 # ----------------------------------------------------------------------- the daemon
 
 
+DAEMON_CGROUP: dict[str, Path | None] = {}
+
+
 def start_daemon(kind: str) -> tuple[int, float]:
     """Start `kind`; (pid, seconds from exec until it is ready to be used).
 
@@ -196,9 +230,17 @@ def start_daemon(kind: str) -> tuple[int, float]:
         f.write(f"==== [{lg.uptime():.2f}] starting {' '.join(argv)}\n")
     offset = log_path.stat().st_size
     logf = open(log_path, "a")  # noqa: SIM115 - the daemon keeps writing to it
+    cgroup = daemon_cgroup(kind)
+    DAEMON_CGROUP[kind] = cgroup
+    procs_file = cgroup / "cgroup.procs" if cgroup is not None else None
+
+    def enter_cgroup() -> None:  # in the child, before exec: "0" is the writer itself
+        if procs_file is not None:
+            procs_file.write_text("0")
+
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=enter_cgroup)  # fmt: skip
     lg.PIDFILE.write_text(f"{proc.pid}\n")
     if kind == "upstream":
         time.sleep(UPSTREAM_READY_S)
@@ -295,6 +337,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         idle_pss, idle_procs = tree_pss()
     sampler.start()
     daemon_cpu0 = tree_cpu_with_reaped()
+    cgroup_cpu0 = cgroup_cpu_s(DAEMON_CGROUP.get(kind))
     busy0, total0 = cpu_ticks()
     kill_result: dict = {}
     kill_stop = threading.Event()
@@ -318,6 +361,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
     kill_stop.set()
     time.sleep(1.0)  # let stragglers' DONEs and cancels land in the trace
     daemon_cpu = tree_cpu_with_reaped() - daemon_cpu0
+    cgroup_cpu1 = cgroup_cpu_s(DAEMON_CGROUP.get(kind))
     sampler.stop.set()
     sampler.join()
     if idle_pss is None:  # cold: idle is after the burst, once the daemon is quiet again
@@ -359,6 +403,12 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         "start_cpu_busy_s": round((start_busy1 - start_busy0) / clk_tck, 2),
         "cpu_total_s": round((total1 - total0) / clk_tck, 2),
         "daemon_cpu_s": round(daemon_cpu, 2) if kind == "ours" else None,
+        # Both daemons, from their cgroups: the figure to compare.
+        "daemon_cgroup_cpu_s": (
+            round(cgroup_cpu1 - cgroup_cpu0, 3)
+            if cgroup_cpu0 is not None and cgroup_cpu1 is not None
+            else None
+        ),
         "mounts": outs,
         "mounts_ok": ok,
         "still_mounted_after_umount": still,
