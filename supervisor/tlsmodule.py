@@ -21,7 +21,15 @@ from collections.abc import Callable, Iterator
 from tlshd.workers import kernelcaps
 
 from tlshd.log import log
-from tlshd.uapi import SOL_TCP, SOL_TLS, TCP_ULP, TLS_TX_MAX_PAYLOAD_LEN
+from tlshd.uapi import (
+    SOL_TCP,
+    SOL_TLS,
+    TCP_ULP,
+    TLS_1_3_VERSION,
+    TLS_TX,
+    TLS_TX_MAX_PAYLOAD_LEN,
+    TlsCipher,
+)
 
 TLS_MODULE_MARKERS = ("/sys/module/tls", "/proc/net/tls_stat")
 MODPROBE_TIMEOUT_S = 10
@@ -71,6 +79,8 @@ def ensure_tls_module() -> bool:
     answer, and a worker forked from a process that never asked assumes no."""
     loaded = _load_tls_module()
     kernelcaps.record_caps_tx_records(loaded and tx_max_payload_len_supported())
+    if loaded:
+        load_ktls_cipher()
     return loaded
 
 
@@ -136,4 +146,35 @@ def tx_max_payload_len_supported(
     log.debug(
         "kernel TLS caps TX records (TLS_TX_MAX_PAYLOAD_LEN = %d)", *struct.unpack("=H", value)
     )
+    return True
+
+
+# struct tls12_crypto_info_aes_gcm_256 (<linux/tls.h>): version and cipher
+# (host-endian u16 each), iv[8], key[32], salt[4], rec_seq[8].
+AES_GCM_256_INFO = struct.pack("=HH", TLS_1_3_VERSION, int(TlsCipher.AES_GCM_256)) + bytes(52)
+
+
+def load_ktls_cipher(
+    tls_socket: Callable[[], contextlib.AbstractContextManager[socket.socket]] = (
+        _loopback_tls_socket
+    ),
+) -> bool:
+    """Have the kernel load the AES-GCM code kTLS uses now, not in the first handshakes.
+
+    The first TLS_TX of a boot makes the crypto API look "gcm(aes)" up, and
+    until some module provides it every lookup runs modprobe and waits for it
+    (crypto/api.c: crypto_larval_lookup requests "crypto-gcm(aes)" and
+    "crypto-gcm(aes)-all", then the gcm template's ghash, ctr, aes, cryptd ...).
+    In the lab's first burst after boot a worker's TLS_TX waited behind those
+    modprobes and the mounts' own (26 of rpc-auth-gss), past nfsd's 5 s: every
+    server half of the first wave failed (benchmarks/README.md).  Installing a
+    zero key on a throw-away loopback socket loads it all once, while the
+    zygote imports OpenSSL on the other CPU; the instance stays registered when
+    the socket is closed.  Both AES-GCM suites use the same "gcm(aes)"."""
+    try:
+        with tls_socket() as sock:
+            sock.setsockopt(SOL_TLS, TLS_TX, AES_GCM_256_INFO)
+    except OSError as err:
+        log.debug("loading kTLS's AES-GCM on a loopback socket: %s", err)
+        return False
     return True
