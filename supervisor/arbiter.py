@@ -560,12 +560,13 @@ class Arbiter:
         if zygote is None or zygote.ready_at is None:
             return
         pool_config = self.config.pool
-        current = self.generation.number
-        spare = len(self.pool.spare(current))
-        outstanding = sum(1 for w in self.pool if w.pid is None and w.sock is not None)
-        live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
-        wanted = pool_config.min_workers + len(self.queue) - spare
-        count = min(wanted, pool_config.max_workers - live, MAX_OUTSTANDING_FORKS - outstanding)
+        census = self.pool.census(self.generation.number)
+        wanted = pool_config.min_workers + len(self.queue) - census.spare
+        count = min(
+            wanted,
+            pool_config.max_workers - census.live,
+            MAX_OUTSTANDING_FORKS - census.unforked,
+        )
         for _ in range(max(0, count)):
             if not self.broker.can_add_worker():
                 return
@@ -724,7 +725,8 @@ class Arbiter:
 
     def update_notify(self, now: float) -> None:
         current = self.generation.number
-        idle = self.pool.count(WorkerState.IDLE, generation=current)
+        census = self.pool.census(current)
+        idle = census.idle
         zygote = self.pool.live_zygote(current)
         if (
             not self.ready_sent
@@ -750,9 +752,8 @@ class Arbiter:
             )
             self.notifier.ready()
             trim_heap()  # after READY: it costs time, and saves memory for as long as we run
-        live = self.pool.count(WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
         self.notifier.set_status(
-            f"{live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
+            f"{census.live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
             f"{len(self.queue)} queued, {self.stats.done} done, {self.stats.failed} failed"
         )
         self.notifier.tick(now)

@@ -229,6 +229,9 @@ def test_ipc_key_service_errors_and_deadline(pair) -> None:  # type: ignore[no-u
         b'{"op":"phase","x":[[[[[1]]]]]}',  # parses, but deeper than any real message
         b'{"op":"phase","phase":"\\ud800"}',  # lone surrogate
         b'{"op":"phase","\\udfff":1}',  # ... as a key
+        b'{"op":"phase","phase":"\xed\xa0\x80"}',  # ... as UTF-8 bytes (surrogatepass)
+        '{"op":"phase","phase":"\\ud800"}'.encode("utf-16-le"),  # ... escaped, in UTF-16
+        b'{"op":"phase","phase":"\\uDbFf"}',  # ... in upper case
         b'{"op":"phase","n":NaN}',
         b'{"op":"phase","n":-Infinity}',
         b'{"op":"phase","n":' + b"9" * 5000 + b"}",  # over int's str-digits limit
@@ -239,6 +242,18 @@ def test_ipc_key_service_errors_and_deadline(pair) -> None:  # type: ignore[no-u
 def test_decode_turns_every_hostile_input_into_ipc_error(data: bytes) -> None:
     with pytest.raises(ipc.IpcError):
         ipc.decode(data, ipc.WORKER_OPS)
+
+
+def test_the_fast_path_skips_the_walk_only_for_plain_messages() -> None:
+    """`_check_tree` is skipped only where it could not find anything."""
+    plain = ipc.encode({"op": "result", "req": 1, "result": {"status": 0, "remote_auth": [1]}})
+    assert not ipc._may_break_limits(plain)
+    for odd in (
+        b'{"op":"phase","x":[[[[1]]]]}',  # five containers: could be too deep
+        '{"op":"phase","phase":"\u00e9"}'.encode(),  # not ASCII
+        b'{"op":"phase","phase":"\\\\ud800"}',  # a backslash, then "ud800": checked anyway
+    ):
+        assert ipc._may_break_limits(odd), odd
 
 
 def test_decode_accepts_the_deepest_real_message() -> None:

@@ -154,3 +154,34 @@ def test_request_worker_survives_descriptor_exhaustion(monkeypatch: pytest.Monke
     assert len(pool) == 0
     left.close()
     right.close()
+
+
+def test_census_agrees_with_counting_one_by_one() -> None:
+    """One walk gives what the per-state counts and the spare list give."""
+    pool = WorkerPool()
+    sock = socket.socket()
+    try:
+        token = 0
+        for generation in (1, 2):
+            for state in WorkerState:
+                for pid in (None, 100 + token):
+                    for has_sock in (False, True):
+                        token += 1
+                        worker = handle(
+                            token=token,
+                            generation=generation,
+                            sock=sock if has_sock else None,
+                            pid=pid,
+                            state=state,
+                        )
+                        pool.workers[token] = worker
+        for generation in (1, 2):
+            census = pool.census(generation)
+            live = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
+            assert census.live == pool.count(*live)
+            assert census.spare == len(pool.spare(generation))
+            assert census.idle == pool.count(WorkerState.IDLE, generation=generation)
+            assert census.unforked == sum(1 for w in pool if w.pid is None and w.sock is not None)
+            assert 0 < census.spare < census.live
+    finally:
+        sock.close()
