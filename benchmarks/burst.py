@@ -314,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="lab image: trixie (Debian 6.12, upstream 1.0.0) or forky "
                          "(newest 7.x, upstream 1.4.0); tests/lab/README.md")  # fmt: skip
     ap.add_argument("--kill", type=int, default=0, help="kill-test burst size (0: none)")
+    ap.add_argument(
+        "--sched-trace",
+        choices=["off", "supervisor", "all"],
+        default="off",
+        help="trace scheduling: the supervisor's wake-ups and switches, or every switch",
+    )
     ap.add_argument("--memory", type=int, default=8192, help="guest MiB (>= 8192)")
     ap.add_argument("--timeout", type=int, default=3600, help="whole guest run, seconds")
     ap.add_argument("--results", type=Path, default=None, help="guest results directory")
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "BURST_DAEMONS": " ".join(args.daemons),
         "BURST_ROUNDS": str(args.rounds),
         "BURST_KILL": str(args.kill),
+        "BURST_SCHED_TRACE": args.sched_trace,
     }
     started = time.strftime("%Y%m%d-%H%M%S")
     res = run_guest(GUEST_SCRIPT.read_text(), daemon=args.daemons[-1], timeout=args.timeout,

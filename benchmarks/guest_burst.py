@@ -329,6 +329,8 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
     start_busy0, _ = cpu_ticks()
     pid, ready_s = start_daemon(kind)
     start_busy1, _ = cpu_ticks()
+    if kind == "ours" and os.environ.get("BURST_SCHED_TRACE", "off") != "off":
+        sched_trace(pid)
     settle_s = None
     idle_pss = idle_procs = None
     if mode == "warm":
@@ -369,6 +371,8 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         idle_pss, idle_procs = tree_pss()
     events = lg.read_trace_since(mark)
     reqs = lg.fold_requests(events)
+    if kind == "ours" and os.environ.get("BURST_SCHED_TRACE", "off") != "off":
+        sched_trace_off(label)
     # Submissions the kernel refused at once (no record in `reqs`): EAGAIN when
     # more than hn_pending_max requests wait unaccepted (kernel-protocol.md).
     refused = [e["fields"].get("err", "?") for e in events if e["event"] == "handshake_submit_err"]
@@ -425,6 +429,38 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         "kill_to_done_s": kill_to_done,
         "daemon_status": stats,
     }
+
+
+def sched_trace(pid: int) -> None:
+    """Trace the supervisor's wake-ups and context switches (prev_state R:
+    preempted; S: waiting), to tell a loop that does not run from one that
+    is busy.  Filtered to the one pid: the trace buffer is shared with the
+    handshake events."""
+    base = lg.TRACING / "events" / "sched"
+    if os.environ.get("BURST_SCHED_TRACE") == "all":
+        (lg.TRACING / "buffer_size_kb").write_text("65536\n")
+        (base / "sched_switch" / "filter").write_text("0\n")
+    else:
+        (base / "sched_switch" / "filter").write_text(f"prev_pid == {pid} || next_pid == {pid}\n")
+    (base / "sched_wakeup" / "filter").write_text(f"pid == {pid}\n")
+    for ev in ("sched_switch", "sched_wakeup"):
+        (base / ev / "enable").write_text("1\n")
+    request = lg.TRACING / "events" / "module" / "module_request" / "enable"
+    if request.exists():  # who runs modprobe during the burst
+        request.write_text("1\n")
+
+
+def sched_trace_off(label: str) -> None:
+    base = lg.TRACING / "events" / "sched"
+    for ev in ("sched_switch", "sched_wakeup"):
+        (base / ev / "enable").write_text("0\n")
+    request = lg.TRACING / "events" / "module" / "module_request" / "enable"
+    if request.exists():
+        request.write_text("0\n")
+    lines = [ln for ln in (lg.TRACING / "trace").read_text(errors="replace").splitlines()
+             if "sched_" in ln or "handshake_" in ln or "tracing_mark" in ln
+             or "module_request" in ln]  # fmt: skip
+    (RESULTS / f"sched-{label}.txt").write_text("\n".join(lines) + "\n")
 
 
 def kill_delay(events: list[dict], mark: str) -> dict | None:
