@@ -210,6 +210,9 @@ class Arbiter:
 
     def start(self) -> None:
         set_title("tlshd: supervisor")
+        # The supervisor's ACCEPTs and DONEs run against the consumers' timers
+        # and cost little CPU: it runs before the handshakes (supervisor/priority.py).
+        log.debug("supervisor %d runs at %s", os.getpid(), raise_supervisor_priority())
         fd_limit = raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphaned workers go to init")
@@ -749,11 +752,6 @@ class Arbiter:
             )
             self.notifier.ready()
             trim_heap()  # after READY: it costs time, and saves memory for as long as we run
-            # From now on the supervisor's ACCEPTs and DONEs race the consumers'
-            # timers: it runs before the handshakes (supervisor/priority.py).  Not
-            # before: start-up is the zygote's, and in the lab a real-time
-            # supervisor from start() on made READY 0.35 s later in two A/B pairs.
-            log.debug("supervisor %d runs at %s", os.getpid(), raise_supervisor_priority())
         self.notifier.set_status(
             f"{census.live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
             f"{len(self.queue)} queued, {self.stats.done} done, {self.stats.failed} failed"

@@ -13,19 +13,16 @@ waiting 60-130 ms of every 100 ms, behind workers and modprobe, while 19
 requests sat in the kernel: 8.5 s of waiting in a 64-mount burst.  At nice
 -20 it still waited 4.2-4.5 s, with 19 pending and refusals.
 
-So the supervisor, once it has sent READY (before that, start-up is the
-zygote's race: a real-time supervisor from its start on made READY 0.35 s
-later in two lab A/B pairs), asks for the lowest real-time priority,
-SCHED_FIFO 1: it preempts every ordinary task as soon as it is woken, and
-the kernel's RT balancing moves it to a CPU that runs ordinary tasks. It
-cannot starve the machine: it sleeps in epoll between events, uses about
-10 % of one CPU at the peak of a burst, and the kernel caps all real-time
-tasks at 95 % of each period anyway (kernel.sched_rt_runtime_us).
-SCHED_RESET_ON_FORK gives every process it forks (zygotes, and through them
-workers) the ordinary policy back, so no process that parses network input
-ever runs real-time; the zygote also drops a real-time policy it finds
-(workers/zygote.py: ordinary_scheduling), in case one was inherited without
-that flag.
+So the supervisor asks for the lowest real-time priority, SCHED_FIFO 1: it
+preempts every ordinary task as soon as it is woken, and the kernel's RT
+balancing moves it to a CPU that runs ordinary tasks.  It cannot starve the
+machine: it sleeps in epoll between events, uses about 10 % of one CPU at
+the peak of a burst, and the kernel caps all real-time tasks at 95 % of each
+period anyway (kernel.sched_rt_runtime_us).  SCHED_RESET_ON_FORK gives every
+process it forks (zygotes, and through them workers) the ordinary policy
+back, so no process that parses network input ever runs real-time; the
+zygote also drops a real-time policy it finds (workers/zygote.py:
+ordinary_scheduling), in case one was inherited without that flag.
 
 Without CAP_SYS_NICE (an unprivileged container, a test run as a user), or
 where RT group scheduling leaves no RT budget to the daemon's cgroup (EPERM),

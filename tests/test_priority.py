@@ -5,15 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
 
-import psutil
 import pytest
 from tlshd.supervisor import priority
 
-from tests.fakekernel import FakeKernel
-from tests.helpers.daemon import running_daemon
-from tests.helpers.engines import pair_engine
 from tests.helpers.forked import run_in_child
 
 
@@ -31,10 +26,6 @@ def _can_be_real_time() -> bool:
 needs_rt = pytest.mark.skipif(
     not _can_be_real_time(), reason="this process may not use SCHED_FIFO (no CAP_SYS_NICE)"
 )
-
-
-def _policy_of(pid: int) -> int:
-    return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
 
 
 def _policy() -> int:
@@ -102,21 +93,3 @@ def test_the_zygote_drops_a_real_time_policy_inherited_without_reset_on_fork() -
         return json.dumps([_policy(), os.getpriority(os.PRIO_PROCESS, 0)]).encode()
 
     assert json.loads(run_in_child(job)) == [os.SCHED_OTHER, 0]
-
-
-@needs_rt
-def test_a_serving_daemon_has_a_real_time_supervisor_and_ordinary_workers(
-    kernel: FakeKernel,
-) -> None:
-    with running_daemon(kernel, pair_engine) as daemon:
-        # Raised in the pass that sends READY, which may end just after the
-        # status reply the helper waited on.
-        deadline = time.monotonic() + 10
-        while _policy_of(daemon.pid) != os.SCHED_FIFO and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _policy_of(daemon.pid) == os.SCHED_FIFO
-        children = psutil.Process(daemon.pid).children(recursive=True)
-        assert children  # the zygote and its spare workers
-        for child in children:
-            assert os.sched_getscheduler(child.pid) == os.SCHED_OTHER, child
-            assert os.getpriority(os.PRIO_PROCESS, child.pid) >= 0, child
