@@ -65,7 +65,6 @@ from .pool import (
     describe_exit,
     is_boot_error,
 )
-from .priority import raise_supervisor_priority
 from .queue import DeadlineQueue
 from .signals import SIGNAL_NAMES, SignalQueue
 from .stats import CompletionStats
@@ -90,6 +89,7 @@ MAX_ACCEPTS_PER_PASS = 64
 # Forks asked of the zygote and not yet answered: enough to keep it busy
 # through a burst, few enough that its channel never fills.
 MAX_OUTSTANDING_FORKS = 16
+SUPERVISOR_NICE = -5
 ZYGOTE_BOOT_TIMEOUT_S = 30.0  # importing OpenSSL under emulation takes seconds
 WORKER_BOOT_TIMEOUT_S = 15.0
 GRACEFUL_TIMEOUT_S = 2.0
@@ -211,8 +211,10 @@ class Arbiter:
     def start(self) -> None:
         set_title("tlshd: supervisor")
         # The supervisor's ACCEPTs and DONEs run against the consumers' timers
-        # and cost little CPU: it runs before the handshakes (supervisor/priority.py).
-        log.debug("supervisor %d runs at %s", os.getpid(), raise_supervisor_priority())
+        # and cost little CPU: let it win the CPU over the handshakes (the
+        # zygote goes back to 0).  Unprivileged: keep the inherited value.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, SUPERVISOR_NICE)
         fd_limit = raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphaned workers go to init")
