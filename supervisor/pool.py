@@ -336,22 +336,13 @@ class WorkerPool:
             state = w.state
             if state in LIVE_STATES:
                 live += 1
-            if w.sock is not None:
-                if w.pid is None:
-                    unforked += 1
-                if w.generation == generation and state in SPARE_STATES:
-                    spare += 1
+            if w.sock is not None and w.pid is None:
+                unforked += 1
+            if w.generation == generation and w.spare:
+                spare += 1
             if state is WorkerState.IDLE and w.generation == generation:
                 idle += 1
         return Census(live=live, spare=spare, idle=idle, unforked=unforked)
-
-    def count(self, *states: WorkerState, generation: int | None = None) -> int:
-        return sum(
-            1
-            for w in self.workers.values()
-            if (not states or w.state in states)
-            and (generation is None or w.generation == generation)
-        )
 
     def busy(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.request is not None]
