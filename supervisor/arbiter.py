@@ -65,6 +65,7 @@ from .pool import (
     describe_exit,
     is_boot_error,
 )
+from .priority import raise_supervisor_priority
 from .queue import DeadlineQueue
 from .signals import SIGNAL_NAMES, SignalQueue
 from .stats import CompletionStats
@@ -89,7 +90,6 @@ MAX_ACCEPTS_PER_PASS = 64
 # Forks asked of the zygote and not yet answered: enough to keep it busy
 # through a burst, few enough that its channel never fills.
 MAX_OUTSTANDING_FORKS = 16
-SUPERVISOR_NICE = -5
 ZYGOTE_BOOT_TIMEOUT_S = 30.0  # importing OpenSSL under emulation takes seconds
 WORKER_BOOT_TIMEOUT_S = 15.0
 GRACEFUL_TIMEOUT_S = 2.0
@@ -210,11 +210,6 @@ class Arbiter:
 
     def start(self) -> None:
         set_title("tlshd: supervisor")
-        # The supervisor's ACCEPTs and DONEs run against the consumers' timers
-        # and cost little CPU: let it win the CPU over the handshakes (the
-        # zygote goes back to 0).  Unprivileged: keep the inherited value.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, SUPERVISOR_NICE)
         fd_limit = raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphaned workers go to init")
@@ -754,6 +749,11 @@ class Arbiter:
             )
             self.notifier.ready()
             trim_heap()  # after READY: it costs time, and saves memory for as long as we run
+            # From now on the supervisor's ACCEPTs and DONEs race the consumers'
+            # timers: it runs before the handshakes (supervisor/priority.py).  Not
+            # before: start-up is the zygote's, and in the lab a real-time
+            # supervisor from start() on made READY 0.35 s later in two A/B pairs.
+            log.debug("supervisor %d runs at %s", os.getpid(), raise_supervisor_priority())
         self.notifier.set_status(
             f"{census.live} workers ({idle} idle), {self.broker.in_flight()} in flight, "
             f"{len(self.queue)} queued, {self.stats.done} done, {self.stats.failed} failed"

@@ -99,8 +99,7 @@ class Zygote:
         self.close_inherited()
         close_fds_except({self.channel.fileno()})
         set_title(f"tlshd: zygote {self.generation.number}")
-        with contextlib.suppress(OSError):  # back to normal priority from the supervisor's
-            os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
+        ordinary_scheduling()
         steps = StepTimer()
         if self.prepare_kernel is not None:
             self.prepare_kernel()
@@ -348,6 +347,21 @@ def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 512):
             pass
+
+
+def ordinary_scheduling() -> None:
+    """SCHED_OTHER at nice 0 or above, for the zygote and so every worker.
+
+    The supervisor runs SCHED_FIFO or at nice -5 (supervisor/priority.py);
+    nothing that parses network input may.  SCHED_RESET_ON_FORK already
+    resets the children of our supervisor, but a policy set by someone else
+    (a unit with CPUSchedulingResetOnFork=no, chrt) may lack the flag.
+    Lowering is always allowed; only raising needs CAP_SYS_NICE."""
+    with contextlib.suppress(OSError):
+        if os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))
 
 
 def warm_up_tls() -> None:

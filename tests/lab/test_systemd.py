@@ -109,6 +109,16 @@ def test_unit_under_test_is_the_repositorys(step: Step) -> None:
     assert setup["verify"].startswith("rc=0 "), setup["verify"]
 
 
+def test_only_the_supervisor_runs_real_time(step: Step) -> None:
+    """CPUSchedulingPolicy=fifo reaches the supervisor, not what it forks."""
+    st = step("start")
+    policies = {p["pid"]: p for p in st["policies"]}
+    assert policies[st["main_pid"]]["policy"] == os.SCHED_FIFO, show(st, "policies")
+    others = [p for pid, p in policies.items() if pid != st["main_pid"]]
+    assert any("zygote" in p["title"] for p in others), show(st, "policies")
+    assert all(p["policy"] == os.SCHED_OTHER for p in others), show(st, "policies")
+
+
 def test_security_score(step: Step) -> None:
     sec = step("security")
     score = sec["score"]

@@ -307,7 +307,21 @@ def step_start() -> dict[str, Any]:
         and serving["real"] <= active_real,
         "transitions": transitions(entries),
         "daemon_log": [e["msg"] for e in daemon_lines(entries)][:40],
+        "policies": scheduling_policies(),
     }  # fmt: skip
+
+
+def scheduling_policies() -> list[dict[str, Any]]:
+    """Each process of the unit: its title and scheduling policy (0 SCHED_OTHER, 1 FIFO)."""
+    out = []
+    for pid in cgroup_pids():
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
+        except OSError:
+            continue
+        out.append({"pid": pid, "title": title, "policy": policy})
+    return out
 
 
 def step_nfs() -> dict[str, Any]:
