@@ -45,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 from tlshd import ipc
 from tlshd.config import Config, ConfigError, load_config
 from tlshd.heap import trim_heap
-from tlshd.log import log, log_oserror, set_debug
+from tlshd.log import (
+    drain_syslog_backlog,
+    flush_syslog_backlog,
+    log,
+    log_oserror,
+    own_syslog_socket,
+    set_debug,
+)
 from tlshd.netlink import HandshakeFamilyMissing, HandshakeNetlink, NetlinkDecodeError
 from tlshd.params import Engine, HandshakeParams
 from tlshd.pemfiles import CredentialFiles, CredentialsError, read_credential_files
@@ -211,6 +218,8 @@ class Arbiter:
     def start(self) -> None:
         set_title("tlshd: supervisor")
         fd_limit = raise_fd_limit()
+        if not own_syslog_socket(nonblocking=True):
+            log.debug("syslog sends may block the supervisor (no datagram /dev/log)")
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphaned workers go to init")
         # tls.ko and the kernel's kTLS capabilities before the zygote: it and
@@ -251,7 +260,8 @@ class Arbiter:
            queue was full), then dispatch the queue to spare workers;
         6. refill the reserve: after dispatch, so the fork requests count what
            this pass used; the zygote forks while the loop waits again;
-        7. upkeep: replace a dead zygote, forget exited workers, notify."""
+        7. upkeep: replace a dead zygote, forget exited workers, notify, and
+           send log lines kept while syslog was behind (tlshd/log.py)."""
         for key, events in self.selector.select(self.next_timeout()):
             key.data(events)
         for signum in self.signals.drain():
@@ -267,6 +277,7 @@ class Arbiter:
         self.zygote_upkeep(time.monotonic())
         self.status.expire_clients(now)
         self.update_notify(time.monotonic())
+        flush_syslog_backlog()
 
     def next_timeout(self) -> float:
         now = time.monotonic()
@@ -717,6 +728,7 @@ class Arbiter:
             self.netlink.close()
         self.selector.close()
         self.notifier.close()
+        drain_syslog_backlog()
 
     # --- status -------------------------------------------------------------------
 

@@ -17,13 +17,15 @@ filters do not see records propagated from its children).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import logging.handlers
 import os
 import re
 import socket
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 LOGGER_NAME = "tlshd"
@@ -67,6 +69,146 @@ class _PidFormatter(logging.Formatter):
         return super().format(record)
 
 
+# Lines the supervisor keeps while the syslog daemon is behind (about 300 KiB).
+MAX_SYSLOG_BACKLOG = 2048
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """SysLogHandler that, once `never_block()` is called, never waits for
+    the syslog daemon: a datagram that does not fit its socket's queue waits
+    in a bounded backlog, sent before the next line or by `flush_backlog()`.
+
+    The supervisor sends DONE and ACCEPT against the consumers' timers, and it
+    logs a line per handshake.  A Unix datagram socket queues only
+    net.unix.max_dgram_qlen (10) datagrams at the reader; when the syslog
+    daemon falls behind, as busybox syslogd did in the lab during 64-mount
+    bursts, a blocking send() stops the supervisor until the daemon reads.
+    The lab's scheduler traces had it asleep in send() while up to 19
+    requests waited unaccepted and the kernel refused 150 to 170 submissions
+    per burst.  When the backlog is full the oldest lines go, and a line says
+    how many."""
+
+    # SysLogHandler's own, which typeshed does not declare.
+    socket: socket.socket
+    _connect_unixsocket: Callable[[Any], None]
+
+    def __init__(self, address: str, facility: int) -> None:
+        super().__init__(address=address, facility=facility)
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.dropped = 0
+        self.nonblocking = False
+
+    def reopen(self, nonblocking: bool) -> bool:
+        """A socket of this process's own (a forked child shares its parent's
+        file, O_NONBLOCK flag included), blocking or not; True if it never
+        blocks now.  Never non-blocking on a stream /dev/log, which could
+        take half a line.  Lines kept for the parent are not this process's."""
+        self.backlog.clear()
+        self.dropped = 0
+        self.nonblocking = False
+        try:
+            if self.socket is not None:
+                self.socket.close()
+            self._connect_unixsocket(self.address)
+        except OSError:
+            return False
+        if nonblocking and self.socktype == socket.SOCK_DGRAM:
+            self.socket.setblocking(False)
+            self.nonblocking = True
+        return self.nonblocking
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.nonblocking:
+            super().emit(record)
+            return
+        try:
+            self.queue_datagram(self.datagram(record))
+        except Exception:
+            self.handleError(record)
+        self.flush_backlog()
+
+    def datagram(self, record: logging.LogRecord) -> bytes:
+        """What SysLogHandler.emit sends for `record` (its format, NUL and PRI)."""
+        message = self.ident + self.format(record) if self.ident else self.format(record)
+        if self.append_nul:
+            message += "\000"
+        priority = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+        return f"<{priority}>".encode() + message.encode("utf-8")
+
+    def queue_datagram(self, data: bytes) -> None:
+        if len(self.backlog) >= MAX_SYSLOG_BACKLOG:
+            self.backlog.popleft()
+            self.dropped += 1
+        self.backlog.append(data)
+
+    def flush_backlog(self) -> None:
+        """Send what the syslog daemon has room for; never waits."""
+        while self.backlog:
+            try:
+                self.socket.send(self.backlog[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                # syslog restarted: reconnect once, as SysLogHandler does
+                if not self._reconnect():
+                    return
+                continue
+            self.backlog.popleft()
+        if self.dropped:
+            note = f"tlshd[{os.getpid()}]: {self.dropped} log lines dropped: syslog was behind"
+            self.dropped = 0
+            priority = self.encodePriority(self.facility, "warning")
+            self.backlog.append(f"<{priority}>{note}\000".encode())
+            self.flush_backlog()
+
+    def drain(self, timeout_s: float) -> None:
+        """At stop: back to blocking sends, each waiting at most `timeout_s`,
+        after sending the backlog that way; what still does not go is lost."""
+        self.nonblocking = False
+        with contextlib.suppress(OSError):
+            self.socket.settimeout(timeout_s)
+            while self.backlog:
+                self.socket.send(self.backlog[0])
+                self.backlog.popleft()
+        self.backlog.clear()
+
+    def _reconnect(self) -> bool:
+        try:
+            self.socket.close()
+            self._connect_unixsocket(self.address)
+            self.socket.setblocking(False)
+        except OSError:
+            return False
+        return True
+
+
+def syslog_handler() -> SyslogHandler | None:
+    """The syslog handler `setup_logging` installed, if any."""
+    return next((h for h in log.handlers if isinstance(h, SyslogHandler)), None)
+
+
+def own_syslog_socket(nonblocking: bool) -> bool:
+    """A syslog socket of this process's own: non-blocking for the supervisor
+    (lines wait in memory rather than stop it), blocking for a zygote and its
+    workers, which must not lose their last lines when they exit."""
+    handler = syslog_handler()
+    return handler is not None and handler.reopen(nonblocking)
+
+
+def flush_syslog_backlog() -> None:
+    """Send lines kept while syslog was behind; called once per loop pass."""
+    handler = syslog_handler()
+    if handler is not None and handler.backlog:
+        handler.flush_backlog()
+
+
+def drain_syslog_backlog(timeout_s: float = 1.0) -> None:
+    """At stop: the lines kept while syslog was behind, then blocking sends."""
+    handler = syslog_handler()
+    if handler is not None and handler.nonblocking:
+        handler.drain(timeout_s)
+
+
 def setup_logging(to_stderr: bool = False, debug: bool = False) -> None:
     """Route the `tlshd` logger to syslog (LOG_AUTH) and optionally stderr."""
     log.handlers.clear()
@@ -74,9 +216,7 @@ def setup_logging(to_stderr: bool = False, debug: bool = False) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     if os.path.exists(SYSLOG_ADDRESS):
         try:
-            handler = logging.handlers.SysLogHandler(
-                address=SYSLOG_ADDRESS, facility=logging.handlers.SysLogHandler.LOG_AUTH
-            )
+            handler = SyslogHandler(SYSLOG_ADDRESS, logging.handlers.SysLogHandler.LOG_AUTH)
             handler.setFormatter(_PidFormatter("tlshd[%(tlshd_pid)d]: %(message)s"))
             handler.addFilter(_ESCAPE_CONTROLS)
             log.addHandler(handler)

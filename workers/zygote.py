@@ -59,7 +59,7 @@ from tlshd.workers import WORKER_BOOT_ERROR
 from tlshd import ipc
 from tlshd.children import reap_exited
 from tlshd.heap import trim_heap
-from tlshd.log import log
+from tlshd.log import log, own_syslog_socket
 from tlshd.openssl_conf import warn_if_tickets_enabled
 from tlshd.params import Engine
 from tlshd.proctitle import set_title
@@ -97,6 +97,9 @@ class Zygote:
         """Runs in the child; ends the process and never returns."""
         reset_signals()
         self.close_inherited()
+        # Not the supervisor's non-blocking syslog socket: a worker's last
+        # lines must reach syslog before it exits (tlshd/log.py).
+        own_syslog_socket(nonblocking=False)
         close_fds_except({self.channel.fileno()})
         set_title(f"tlshd: zygote {self.generation.number}")
         ordinary_scheduling()
