@@ -72,7 +72,7 @@ from .pool import (
     describe_exit,
     is_boot_error,
 )
-from .priority import raise_supervisor_priority
+from .priority import raise_session_share, raise_supervisor_priority
 from .queue import DeadlineQueue
 from .signals import SIGNAL_NAMES, SignalQueue
 from .stats import CompletionStats
@@ -218,6 +218,8 @@ class Arbiter:
     def start(self) -> None:
         set_title("tlshd: supervisor")
         fd_limit = raise_fd_limit()
+        # The whole daemon against the mounts of a boot-time burst (priority.py)
+        log.debug("supervisor %d: %s", os.getpid(), raise_session_share())
         if not own_syslog_socket(nonblocking=True):
             log.debug("syslog sends may block the supervisor (no datagram /dev/log)")
         if not become_subreaper():

@@ -120,3 +120,60 @@ def test_a_serving_daemon_has_a_real_time_supervisor_and_ordinary_workers(
         for child in children:
             assert os.sched_getscheduler(child.pid) == os.SCHED_OTHER, child
             assert os.getpriority(os.PRIO_PROCESS, child.pid) >= 0, child
+
+
+# --- the daemon's session (autogroup) ------------------------------------------------
+
+
+def test_a_session_leader_gives_its_session_the_weight_of_nice_minus_20(tmp_path) -> None:
+    target = tmp_path / "autogroup"
+    target.write_text("")
+
+    def leader() -> bytes:
+        os.setsid()
+        return priority.raise_session_share(str(target)).encode()
+
+    assert run_in_child(leader) == b"autogroup nice -20"
+    assert target.read_text() == "-20\n"
+
+
+def test_outside_its_own_session_the_daemon_leaves_the_autogroup_alone(tmp_path) -> None:
+    # Started from a shell: the session, and its other jobs, are the user's.
+    target = tmp_path / "autogroup"
+    target.write_text("untouched")
+
+    def member() -> bytes:
+        if os.getsid(0) == os.getpid():  # pytest itself leads a session: leave it
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if priority.raise_session_share(str(target)).startswith("not") else 1)
+            return str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])).encode()
+        return b"0" if priority.raise_session_share(str(target)).startswith("not") else b"1"
+
+    assert run_in_child(member) == b"0"
+    assert target.read_text() == "untouched"
+
+
+def test_a_refused_autogroup_write_is_reported_not_raised(tmp_path) -> None:
+    def leader() -> bytes:
+        os.setsid()
+        return priority.raise_session_share(str(tmp_path / "missing" / "autogroup")).encode()
+
+    assert run_in_child(leader).startswith(b"autogroup nice unchanged: ")
+
+
+def test_the_real_autogroup_file_takes_the_write_where_the_kernel_has_one() -> None:
+    if not os.path.exists(priority.AUTOGROUP_PATH):
+        pytest.skip("kernel without CONFIG_SCHED_AUTOGROUP")
+
+    def leader() -> bytes:
+        os.setsid()
+        said = priority.raise_session_share()
+        with open(priority.AUTOGROUP_PATH) as f:
+            return json.dumps([said, f.read()]).encode()
+
+    said, now = json.loads(run_in_child(leader))
+    if said.startswith("autogroup nice unchanged"):
+        pytest.skip(f"this process may not lower a nice value: {said}")
+    assert said == "autogroup nice -20"
+    assert now.endswith("nice -20\n"), now
