@@ -121,12 +121,15 @@ def checked_result(
 
 
 def handshake_message(request: Request, now: float) -> dict[str, object]:
+    """`waited_s`: since ACCEPT, from which the worker sets its CPU priority
+    (workers/priority.py: oldest first)."""
     seconds_left = max(0.0, request.deadline - now - WORKER_DEADLINE_MARGIN_S)
     return {
         "op": "handshake",
         "req": request.req_id,
         "params": request.params.to_wire(),
         "deadline_s": round(seconds_left, 3),
+        "waited_s": round(max(0.0, now - request.accepted_at), 3),
     }
 
 

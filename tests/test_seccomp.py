@@ -59,6 +59,12 @@ def _attempts(sock: socket.socket) -> dict[str, Any]:
     def kill_parent() -> None:
         os.kill(os.getppid(), 0)
 
+    def renice_other() -> None:
+        os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)
+
+    def renice_group() -> None:
+        os.setpriority(os.PRIO_PGRP, 0, 19)
+
     def keyctl() -> None:
         from tlshd import keyring
 
@@ -73,6 +79,8 @@ def _attempts(sock: socket.socket) -> dict[str, Any]:
         "dup": dup,
         "shutdown": shutdown,
         "kill-parent": kill_parent,
+        "renice-other": renice_other,
+        "renice-group": renice_group,
         "keyctl": keyctl,
     }
 
@@ -92,6 +100,8 @@ def escape_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Han
             outcome = errno.errorcode.get(getattr(err, "errno", 0) or 0, type(err).__name__)
         lines.append(f"{name} {outcome}")
     os.kill(os.getpid(), 0)  # signalling itself stays allowed
+    # and its own nice value (workers/priority.py)
+    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + 1)
     time.sleep(0.001)
     sock.sendall(("\n".join(lines) + "\n.\n").encode())
     fake_ktls(sock, ctx)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
-from tlshd.workers import contexts, ktls, psk, tlsctx, verify
+from tlshd.workers import contexts, ktls, priority, psk, tlsctx, verify
 from tlshd.workers.contexts import Shape
 from tlshd.workers.tlsctx import ALERT_ACCESS_DENIED, ALERT_UNKNOWN_PSK_IDENTITY, TlsState
 
@@ -462,6 +462,7 @@ def _flush_alert(req: _Request) -> None:
 
 
 def _wait(sock: socket.socket, events: int, deadline: float) -> None:
+    priority.keep_up()  # after each stretch of CPU work: the oldest go first
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise HandshakeFailure(errno.ETIMEDOUT, "handshake timed out")

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tlshd.workers import priority
 from tlshd.workers.engine import HandshakeContext
 from tlshd.workers.ktls import install_ktls
 
@@ -127,6 +128,7 @@ class HandshakeJob:
         self.req_id = int(message["req"])
         self.params = HandshakeParams.from_wire(message["params"])
         self.deadline = time.monotonic() + float(message["deadline_s"])
+        self.waited_s = float(message.get("waited_s", 0.0))
         self.fd = fd
         self.generation = generation
         self.engine = engine
@@ -135,6 +137,7 @@ class HandshakeJob:
         self.peer = ""
 
     def run(self) -> HandshakeResult:
+        priority.follow(self.waited_s)
         sock = socket.socket(fileno=self.fd)
         try:
             self.peer = peer_name(sock, self.params.peername)

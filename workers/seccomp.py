@@ -261,6 +261,9 @@ def _build(pid: int) -> SyscallFilter:
     worker_filter.add_rule(allow, "ioctl", arg(1, eq, termios.TCGETS))
     for option in (PR_SET_NAME, PR_GET_NAME):
         worker_filter.add_rule(allow, "prctl", arg(0, eq, option))
+    # its own nice value only (workers/priority.py: oldest handshake first)
+    for call in ("getpriority", "setpriority"):
+        worker_filter.add_rule(allow, call, arg(0, eq, os.PRIO_PROCESS), arg(1, eq, 0))
     # itself only: abort() and raise() signal the calling process
     worker_filter.add_rule(allow, "kill", arg(0, eq, pid))
     worker_filter.add_rule(allow, "tgkill", arg(0, eq, pid))

@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tlshd.workers import WORKER_BOOT_ERROR
+from tlshd.workers.priority import permit_priority_floor, run_zygote_at_floor
 
 from tlshd import ipc
 from tlshd.children import reap_exited
@@ -103,6 +104,9 @@ class Zygote:
         close_fds_except({self.channel.fileno()})
         set_title(f"tlshd: zygote {self.generation.number}")
         ordinary_scheduling()
+        # While still root (workers/priority.py: oldest handshake first).
+        if permit_priority_floor():
+            run_zygote_at_floor()
         steps = StepTimer()
         if self.prepare_kernel is not None:
             self.prepare_kernel()
@@ -353,10 +357,12 @@ def _drain(fd: int) -> None:
 
 
 def ordinary_scheduling() -> None:
-    """SCHED_OTHER at nice 0 or above, for the zygote and so every worker.
+    """SCHED_OTHER at nice 0 or above, for the zygote and so every worker,
+    before workers/priority.py lets them down to nice -10 at most.
 
     The supervisor runs SCHED_FIFO or at nice -5 (supervisor/priority.py);
-    nothing that parses network input may.  SCHED_RESET_ON_FORK already
+    nothing that parses network input may run real-time, nor inherit the
+    supervisor's nice value.  SCHED_RESET_ON_FORK already
     resets the children of our supervisor, but a policy set by someone else
     (a unit with CPUSchedulingResetOnFork=no, chrt) may lack the flag.
     Lowering is always allowed; only raising needs CAP_SYS_NICE."""

@@ -265,3 +265,16 @@ def memory_holds(pid: int, head: bytes, tail: bytes) -> bool:
                     return True
                 at = chunk.find(head, at + 1)
     return False
+
+
+def nice_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Waits for one byte from the peer, then answers with the worker's nice
+    value (3 characters, "-04"): the priority its request's age gave it."""
+    remaining = ctx.deadline - time.monotonic()
+    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
+    if not sock.recv(1):
+        return HandshakeResult(status=errno.ECONNRESET)
+    sock.sendall(f"{os.getpriority(os.PRIO_PROCESS, 0):03d}".encode())
+    fake_ktls(sock, ctx)
+    return HandshakeResult(status=0, cipher="FAKE-CIPHER")

@@ -125,3 +125,8 @@ def test_status_command_reports_the_handshakes(image: str, scenario: Scenario) -
     procs = [p for p in sc["workers_proc"] if "error" not in p]
     assert procs, sc["workers_proc"]
     assert all(p["uid"] == sc["tlshd_uid"] and p["seccomp"] == "2" for p in procs), procs
+    # the zygote raised RLIMIT_NICE as root, so that workers can go down to
+    # nice -20 as their request ages; spares sit at the zygote's -20
+    # (workers/priority.py)
+    assert all(p["nice_limit"] == 40 for p in procs), procs
+    assert any(p["nice"] == -20 for p in procs), procs

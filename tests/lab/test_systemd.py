@@ -117,6 +117,9 @@ def test_only_the_supervisor_runs_real_time(step: Step) -> None:
     others = [p for pid, p in policies.items() if pid != st["main_pid"]]
     assert any("zygote" in p["title"] for p in others), show(st, "policies")
     assert all(p["policy"] == os.SCHED_OTHER for p in others), show(st, "policies")
+    # LimitNICE=-20: the zygote and old requests' workers may run at nice -20
+    # (workers/priority.py)
+    assert all(p["nice_limit"] == 40 for p in policies.values()), show(st, "policies")
 
 
 def test_security_score(step: Step) -> None:

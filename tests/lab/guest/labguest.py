@@ -202,6 +202,17 @@ def start_daemon(kind: str | None = None, wait: float = 60.0) -> int:
     raise RuntimeError(f"{kind} daemon pid {proc.pid} not listening on netlink after {wait}s")
 
 
+def nice_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NICE of `pid` ("Max nice priority" in /proc/PID/limits)."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max nice priority"):
+                return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def daemon_pid() -> int | None:
     try:
         pid = int(PIDFILE.read_text())

@@ -198,7 +198,8 @@ def sc_status_report() -> dict:
 
 
 def _proc_fields(pid: int) -> dict:
-    """Uid and Seccomp of a worker, from /proc (issue 11: own account, seccomp filter)."""
+    """Uid, Seccomp and RLIMIT_NICE of a worker, from /proc (issue 11: own
+    account, seccomp filter; issue 10: its nice value and how low it may go)."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError as e:
@@ -208,6 +209,8 @@ def _proc_fields(pid: int) -> dict:
         "pid": pid,
         "uid": int(fields["Uid"].split()[0]),
         "seccomp": fields.get("Seccomp", "").strip(),
+        "nice_limit": lg.nice_limit(pid),
+        "nice": os.getpriority(os.PRIO_PROCESS, pid),
     }
 
 

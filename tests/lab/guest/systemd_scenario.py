@@ -320,7 +320,7 @@ def scheduling_policies() -> list[dict[str, Any]]:
             policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
         except OSError:
             continue
-        out.append({"pid": pid, "title": title, "policy": policy})
+        out.append({"pid": pid, "title": title, "policy": policy, "nice_limit": lg.nice_limit(pid)})
     return out
 
 
