@@ -1,6 +1,6 @@
 """Read a scheduler trace that `burst.py --sched-trace` saved for one burst.
 
-    python3 benchmarks/sched_report.py TRACE [--bins 20] [--bin-ms 100]
+    python3 benchmarks/sched_report.py TRACE [--bins 20] [--bin-ms 100] [--first 3]
 
 TRACE is a guest file `sched-<label>.txt` (or the same, gzipped): tracefs
 lines of sched_switch / sched_wakeup (our supervisor's only, or every task's
@@ -10,8 +10,11 @@ from the burst's first submission on:
 - per bin: how long the supervisor ran, how long it was runnable but not
   running (woken or preempted, until it was switched in), the ACCEPTs, and
   the most requests ever pending (submitted, not yet accepted) in the bin;
-- totals, the submissions the kernel refused, and who asked for modules;
-- with a full trace, the CPU time of each kind of task.
+- totals, the submissions the kernel refused, who asked for modules, and
+  who woke the supervisor (a syslog daemon there means it slept in send());
+- with a full trace, the CPU time of each kind of task, and for the first
+  `--first` seconds how long each kind ran and waited runnable (the zygote,
+  the first tlshd process forked after the supervisor, apart).
 
 The supervisor is recognised by its priority: 115 (nice -5), 100 (nice -20)
 or 98 (SCHED_FIFO 1); workers and the zygote run at 120.
@@ -63,7 +66,43 @@ def kind(comm: str, pid: str, supervisor: str | None) -> str:
     return "other"
 
 
-def report(path: Path, bins: int, bin_s: float) -> None:
+def first_seconds(events: list[tuple[float, str, str, str, int]], t0: float, sup: str | None,
+                  window_s: float) -> None:  # fmt: skip
+    """Ran / runnable-waiting per kind of task in [t0, t0 + window_s)."""
+    zygote = str(int(sup) + 1) if sup else None
+    ran: collections.Counter[str] = collections.Counter()
+    waited: collections.Counter[str] = collections.Counter()
+    on: dict[str, tuple[str, float]] = {}
+    woke: dict[str, float] = {}
+    for t, event, fields, _comm, _cpu in events:
+        rel = t - t0
+        if rel >= window_s:
+            break
+        if event == "sched_wakeup":
+            m = re.search(r"comm=(.*?) pid=(\d+) ", fields)
+            if m:
+                woke.setdefault(m[2], rel)
+            continue
+        m = SWITCH.search(fields) if event == "sched_switch" else None
+        if m is None:
+            continue
+        prev, nxt = m[2], m[6]
+        if prev in on:
+            who, since = on.pop(prev)
+            ran[who] += max(rel, 0.0) - max(since, 0.0)
+        if m[4].startswith("R"):
+            woke[prev] = rel
+        who = "zygote" if nxt == zygote else kind(m[5], nxt, sup)
+        on[nxt] = (who, rel)
+        if nxt in woke:
+            since = woke.pop(nxt)
+            waited[who] += max(rel, 0.0) - max(since, 0.0)
+    print(f"first {window_s:g} s, ran / waited runnable: " + ", ".join(
+        f"{k} {ran[k]:.2f} / {waited[k]:.2f} s" for k, _ in ran.most_common()
+    ))  # fmt: skip
+
+
+def report(path: Path, bins: int, bin_s: float, window_s: float = 0.0) -> None:
     events = read_events(path)
     submits = [t for t, e, *_ in events if e == "handshake_submit"]
     if not submits:
@@ -79,6 +118,7 @@ def report(path: Path, bins: int, bin_s: float) -> None:
     on_since = runnable_since = None
     pending = 0
     modules: collections.Counter[str] = collections.Counter()
+    wakers: collections.Counter[str] = collections.Counter()
     refused = 0
     full = False  # a switch between two other tasks: every task's switches were traced
     for t, event, fields, comm, cpu in events:
@@ -97,6 +137,8 @@ def report(path: Path, bins: int, bin_s: float) -> None:
             modules[f"{who}: {name}"] += 1
         elif event == "sched_wakeup" and f"pid={sup} " in fields + " ":
             runnable_since = rel if runnable_since is None else runnable_since
+            if rel >= 0:
+                wakers[comm.split("/")[0]] += 1
         elif event == "sched_switch":
             m = SWITCH.search(fields)
             if m is None:
@@ -132,11 +174,15 @@ def report(path: Path, bins: int, bin_s: float) -> None:
     )
     if modules:
         print("module requests: " + ", ".join(f"{k} x{n}" for k, n in modules.most_common()))
+    if wakers:
+        print("supervisor woken by: " + ", ".join(f"{k} x{n}" for k, n in wakers.most_common(6)))
     if full:  # every CPU's time by kind of task
         total = sum(use.values())
         print("CPU time by task, whole trace: " + ", ".join(
             f"{k} {v:.2f} s ({v / total:.0%})" for k, v in use.most_common()
         ))  # fmt: skip
+        if window_s > 0:
+            first_seconds(events, t0, sup, window_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("trace", type=Path)
     ap.add_argument("--bins", type=int, default=20)
     ap.add_argument("--bin-ms", type=float, default=100.0)
+    ap.add_argument("--first", type=float, default=0.0, help="seconds (full traces)")
     args = ap.parse_args(argv)
-    report(args.trace, args.bins, args.bin_ms / 1000)
+    report(args.trace, args.bins, args.bin_ms / 1000, args.first)
     return 0
 
 
