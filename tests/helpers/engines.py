@@ -20,14 +20,21 @@ from tlshd.params import HandshakeParams, HandshakeResult
 from tlshd.uapi import AuthMode, MsgType
 
 
-def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
-    """Waits for one byte from the peer, then answers with the worker's
-    handshake_timeout_ms (which tells the test which config generation ran it)."""
+def _wait_for_go(sock: socket.socket, ctx: Any) -> HandshakeResult | None:
+    """Wait for the peer's one byte: None once it came, else the failure."""
     remaining = ctx.deadline - time.monotonic()
     if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
         return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
     if not sock.recv(1):
         return HandshakeResult(status=errno.ECONNRESET)
+    return None
+
+
+def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
+    """Waits for one byte from the peer, then answers with the worker's
+    handshake_timeout_ms (which tells the test which config generation ran it)."""
+    if (failed := _wait_for_go(sock, ctx)) is not None:
+        return failed
     sock.sendall(f"{ctx.config.worker.handshake_timeout_ms}\n".encode())
     fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
@@ -36,11 +43,8 @@ def gated_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Hand
 def pid_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
     """Waits for one byte from the peer, then answers with the serving
     process's pid (8 digits), so a test can tell which process served it."""
-    remaining = ctx.deadline - time.monotonic()
-    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
-        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
-    if not sock.recv(1):
-        return HandshakeResult(status=errno.ECONNRESET)
+    if (failed := _wait_for_go(sock, ctx)) is not None:
+        return failed
     sock.sendall(f"{os.getpid():08d}".encode())
     fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
@@ -270,11 +274,8 @@ def memory_holds(pid: int, head: bytes, tail: bytes) -> bool:
 def nice_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> HandshakeResult:
     """Waits for one byte from the peer, then answers with the worker's nice
     value (3 characters, "-04"): the priority its request's age gave it."""
-    remaining = ctx.deadline - time.monotonic()
-    if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
-        return HandshakeResult(status=errno.ETIMEDOUT, detail="fake engine timed out")
-    if not sock.recv(1):
-        return HandshakeResult(status=errno.ECONNRESET)
+    if (failed := _wait_for_go(sock, ctx)) is not None:
+        return failed
     sock.sendall(f"{os.getpriority(os.PRIO_PROCESS, 0):03d}".encode())
     fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE-CIPHER")
