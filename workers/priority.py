@@ -2,19 +2,17 @@
 
 Why.  Each consumer times its request from the moment it submitted it: nfsd
 gives up 5 s after its submit (SVC_HANDSHAKE_TO), the sunrpc client after
-10 s (XS_TLS_HANDSHAKE_TO).  At the start of a boot-time burst every mount
-begins at once.  Scheduler traces of 64-mount bursts in the lab (7.3 kernel,
-benchmarks/README.md) show where the CPU goes in the first three seconds:
-4.8 of the 6 CPU-seconds to the 64 mount.nfs processes starting up (in the
-first burst after boot 2.7 s, and 1.8 s to the modprobes they trigger), 0.5
-to 0.7 s to our zygote and workers, while the first 32 handshakes,
-submitted in the first second, waited; 6 to 12 of them then overran nfsd's
-5 s.  The scheduler shares a CPU
-by task, so 64 runnable mount processes at nice 0 leave a nice-0 worker a
-sixty-fifth of it.  Work that no timer is running for yet (a mount that has
-not reached its handshake) should wait for work whose timer is running out;
-and among the handshakes the oldest should go first, since a newer one still
-has most of its time.
+10 s (XS_TLS_HANDSHAKE_TO).  In a boot-time burst the CPUs are saturated for
+seconds, and requests that share them evenly all slow down together: the
+oldest, with the least time left, overrun.  Served oldest first, a burst
+delays its newest requests instead, which still have most of their time.
+The kernel shares the CPU between sessions first (autogroup; the supervisor
+gives the daemon's session the weight of nice -20, supervisor/priority.py:
+raise_session_share, so that the mount.nfs processes a burst starts, which
+no consumer timer is running for yet, wait for the handshakes), then among
+the tasks of a session by their nice values: this module orders the
+daemon's own processes.  Scheduler traces of 64-mount bursts in the lab (7.3
+kernel, benchmarks/README.md, stop 13) are behind both.
 
 How.  A worker's nice value follows its request's age: 0 when the request is
 accepted, one level lower every AGING_STEP_S (0.125 s), down to FLOOR_NICE
