@@ -117,3 +117,17 @@ def test_a_zygote_takes_a_blocking_socket_of_its_own(syslogd: Syslogd) -> None:
     assert handler.socket is not inherited and inherited.fileno() == -1
     assert handler.socket.gettimeout() is None  # blocking
     assert not handler.backlog  # not this process's lines to send
+
+
+def test_a_line_the_socket_can_never_take_is_dropped_not_retried_forever(
+    syslogd: Syslogd,
+) -> None:
+    # A datagram over the socket's send buffer fails with EMSGSIZE on every
+    # try, reconnected or not: it must not hold the supervisor in a loop.
+    server, path = syslogd
+    logger, handler = make_logger(path, nonblocking=True)
+    logger.info("%s", "x" * (4 << 20))
+    logger.info("after")
+    got = read_all(server)
+    assert got == ["1 log lines dropped: syslog was behind", "after"], got
+    assert not handler.backlog

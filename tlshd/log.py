@@ -74,8 +74,8 @@ MAX_SYSLOG_BACKLOG = 2048
 
 
 class SyslogHandler(logging.handlers.SysLogHandler):
-    """SysLogHandler that, once `never_block()` is called, never waits for
-    the syslog daemon: a datagram that does not fit its socket's queue waits
+    """SysLogHandler that, once reopened with `nonblocking=True`, never waits
+    for the syslog daemon: a datagram that does not fit its socket's queue waits
     in a bounded backlog, sent before the next line or by `flush_backlog()`.
 
     The supervisor sends DONE and ACCEPT against the consumers' timers, and it
@@ -106,15 +106,9 @@ class SyslogHandler(logging.handlers.SysLogHandler):
         self.backlog.clear()
         self.dropped = 0
         self.nonblocking = False
-        try:
-            if self.socket is not None:
-                self.socket.close()
-            self._connect_unixsocket(self.address)
-        except OSError:
+        if not self._connect(nonblocking and self.socktype == socket.SOCK_DGRAM):
             return False
-        if nonblocking and self.socktype == socket.SOCK_DGRAM:
-            self.socket.setblocking(False)
-            self.nonblocking = True
+        self.nonblocking = nonblocking and self.socktype == socket.SOCK_DGRAM
         return self.nonblocking
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -143,16 +137,22 @@ class SyslogHandler(logging.handlers.SysLogHandler):
 
     def flush_backlog(self) -> None:
         """Send what the syslog daemon has room for; never waits."""
+        reconnected = False
         while self.backlog:
             try:
                 self.socket.send(self.backlog[0])
             except BlockingIOError:
                 return
             except OSError:
-                # syslog restarted: reconnect once, as SysLogHandler does
-                if not self._reconnect():
-                    return
-                continue
+                # syslog restarted: reconnect once, as SysLogHandler does.  A
+                # line that fails on the new socket too (EMSGSIZE) is dropped,
+                # as SysLogHandler.emit would lose it, not retried forever.
+                if not reconnected:
+                    if not self._connect(nonblocking=True):
+                        return
+                    reconnected = True
+                    continue
+                self.dropped += 1
             self.backlog.popleft()
         if self.dropped:
             note = f"tlshd[{os.getpid()}]: {self.dropped} log lines dropped: syslog was behind"
@@ -172,13 +172,15 @@ class SyslogHandler(logging.handlers.SysLogHandler):
                 self.backlog.popleft()
         self.backlog.clear()
 
-    def _reconnect(self) -> bool:
+    def _connect(self, nonblocking: bool) -> bool:
+        """A new socket to the syslog daemon in place of the current one."""
         try:
-            self.socket.close()
+            if self.socket is not None:
+                self.socket.close()
             self._connect_unixsocket(self.address)
-            self.socket.setblocking(False)
         except OSError:
             return False
+        self.socket.setblocking(not nonblocking)
         return True
 
 
