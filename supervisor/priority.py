@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import os
 
+from tlshd.workers.priority import FLOOR_NICE
+
 from tlshd.log import log
 
 SUPERVISOR_RT_PRIORITY = 1  # the lowest: kernel threads that ask for RT stay above it
@@ -66,8 +68,8 @@ def raise_supervisor_priority() -> str:
         return f"nice {os.getpriority(os.PRIO_PROCESS, 0)}"
 
 
-# The daemon's session's CPU weight; the same floor as the workers' nice values.
-SESSION_NICE = -20
+# The daemon's session's CPU weight: the floor of the workers' nice values.
+SESSION_NICE = FLOOR_NICE
 AUTOGROUP_PATH = "/proc/self/autogroup"
 
 

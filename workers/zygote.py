@@ -358,7 +358,7 @@ def _drain(fd: int) -> None:
 
 def ordinary_scheduling() -> None:
     """SCHED_OTHER at nice 0 or above, for the zygote and so every worker,
-    before workers/priority.py lets them down to nice -10 at most.
+    before workers/priority.py lets them down to nice -20 (FLOOR_NICE) at most.
 
     The supervisor runs SCHED_FIFO or at nice -5 (supervisor/priority.py);
     nothing that parses network input may run real-time, nor inherit the
