@@ -563,7 +563,9 @@ class Arbiter:
 
     def refill_reserve(self) -> None:
         """Ask the zygote for workers: the reserve, plus one per queued
-        request, within `[pool] max_workers` live workers."""
+        request that dispatch would start now (`Broker.workers_wanted`), within
+        `[pool] max_workers` live workers.  Not one per queued request: a
+        forked worker holds 1-1.5 MiB of its own before its handshake starts."""
         if self.stopping or time.monotonic() < self.forks_paused_until:
             return
         zygote = self.pool.live_zygote(self.generation.number)
@@ -571,7 +573,7 @@ class Arbiter:
             return
         pool_config = self.config.pool
         census = self.pool.census(self.generation.number)
-        wanted = pool_config.min_workers + len(self.queue) - census.spare
+        wanted = pool_config.min_workers + self.broker.workers_wanted() - census.spare
         count = min(
             wanted,
             pool_config.max_workers - census.live,

@@ -8,7 +8,10 @@ A request's life in the supervisor:
      kernel until there is room (the kernel fails an ACCEPT it cannot install
      an fd for with EIO, so running out of descriptors must never happen).
   2. `dispatch`: queued requests go to spare single-use workers of the
-     current generation, the second half of a loopback connection first.
+     current generation, the second half of a loopback connection first,
+     then earliest deadline first while fewer than `running_limit()`
+     handshakes run (see `Broker.admissible` for why, and for the rule that
+     keeps loopback halves from waiting on each other).
   3. `hand_off`: the request and a copy of its fd go to the worker by
      SCM_RIGHTS (supervisor/handoff.py); the supervisor keeps its copy.
   4. `on_worker_readable`: key requests are answered; the `result` is checked
@@ -64,6 +67,19 @@ NFSD_TIMER_MS = 5_000
 # clients, a zygote's channel, a reload's file reads, the log socket.
 FD_HEADROOM = 24
 FDS_PER_WORKER = 2  # its channel and its pidfd
+# Handshakes running at once, per CPU the daemon may use.  A burst's
+# handshakes are CPU-bound (loopback, or a LAN's sub-millisecond RTT), so
+# beyond a few per CPU more of them at once finish no sooner: they share the
+# CPUs thinner and each holds a worker's own memory meanwhile (1.5-3 MiB;
+# benchmarks/README.md, stop 14: 32-36 workers alive, 120-131 MiB PSS, in a
+# 64-mount burst on 2 vCPUs when every request got its worker at once).
+HANDSHAKES_PER_CPU = 8
+
+
+def running_limit() -> int:
+    """Handshakes dispatch starts while fewer than this many run (besides the
+    second halves of loopback connections, which never wait for room)."""
+    return HANDSHAKES_PER_CPU * max(1, len(os.sched_getaffinity(0)))
 
 
 def consumer_timer_ms(params: HandshakeParams) -> int | None:
@@ -142,6 +158,7 @@ class Broker:
         self.max_queued = 256
         self.fd_limit = 1024
         self.fd_base = 0
+        self.max_running = running_limit()
 
     # --- admission ------------------------------------------------------------------
 
@@ -188,20 +205,52 @@ class Broker:
     def dispatch(self, now: float) -> None:
         """Hand queued requests to spare workers: first the other half of a
         connection whose first half has a worker (both ends local), then the
-        earliest deadline.  Ready workers before those still starting."""
+        earliest deadline that `admissible` lets run.  Ready workers before
+        those still starting."""
         if not self.queue:
             return
         spare = self.pool.spare(self.current)
         if not spare:
             return
         spare.sort(key=lambda w: (w.ready_at is None, w.token))
-        in_flight = {w.request.pair_key for w in self.pool.busy() if w.request is not None}
+        running = Running([w.request for w in self.pool.busy() if w.request is not None])
         for worker in spare:
             if not self.queue:
                 return
-            request = self.queue.pop_partner(in_flight) or self.queue.pop()
+            request = self.queue.pop_partner(running.pair_keys) or self.queue.pop_first(
+                lambda r: self.admissible(r, running)
+            )
+            if request is None:
+                return
             if self.hand_off(worker, request, now):
-                in_flight.add(request.pair_key)
+                running.add(request)
+
+    def admissible(self, request: Request, running: Running) -> bool:
+        """May `request` start now, its connection's other half not running?
+
+        Fewer than `max_running` handshakes may run (HANDSHAKES_PER_CPU); the
+        other half of a running loopback connection is exempt (`dispatch`
+        takes it first), or the two could wait for each other.  That alone
+        could still deadlock a loopback burst: the limit full of client
+        halves whose server halves nfsd has not submitted, because each nfsd
+        thread waits (5 s, svc_tcp_handshake) on a server half queued here
+        behind the limit.  So half of the room at most goes to local halves
+        whose other half has not arrived; a local half whose other half is
+        queued starts as a pair, and pairs need nothing from outside."""
+        if running.count >= self.max_running:
+            return False
+        if not request.local_peer or self.queue.partner_queued(request):
+            return True
+        return running.lone_local < max(1, self.max_running // 2)
+
+    def workers_wanted(self) -> int:
+        """Workers `dispatch` would hand queued requests to right now: the
+        second halves of running connections, and what the limit leaves room
+        for.  The zygote forks no further ahead (supervisor/arbiter.py)."""
+        running = Running([w.request for w in self.pool.busy() if w.request is not None])
+        partners = self.queue.count_partners(running.pair_keys)
+        room = max(0, self.max_running - running.count - partners)
+        return partners + min(len(self.queue) - partners, room)
 
     def hand_off(self, worker: WorkerHandle, request: Request, now: float) -> bool:
         assert worker.sock is not None
@@ -385,6 +434,26 @@ class Broker:
         worker.release_request()
         checked = handoff.checked_result(request, result, self.ktls_state)
         handoff.complete(self.netlink, request, checked, self.stats)
+
+
+class Running:
+    """The requests that have a worker, as `admissible` counts them."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.count = 0
+        self.pair_keys: set[tuple[object, object] | None] = set()
+        self._local_halves: dict[tuple[object, object] | None, int] = {}
+        self.lone_local = 0  # local halves whose other half has no worker
+        for request in requests:
+            self.add(request)
+
+    def add(self, request: Request) -> None:
+        self.count += 1
+        self.pair_keys.add(request.pair_key)
+        if request.local_peer:
+            halves = self._local_halves.get(request.pair_key, 0) + 1
+            self._local_halves[request.pair_key] = halves
+            self.lone_local += 1 if halves == 1 else -1
 
 
 def _current_req_id(worker: WorkerHandle) -> int | None:

@@ -11,15 +11,16 @@ rather than handed to a worker that could not finish in time.
 A request may carry a `pair_key`: the TCP connection's (client address,
 server address).  When both ends of a connection are local (a loopback NFS
 mount), the client's and the server's requests share it, and neither
-handshake can progress until both have a worker; the arbiter uses
-`pop_partner` to hand the second half out right after the first.
+handshake can progress until both have a worker; the broker uses
+`pop_partner` to hand the second half out right after the first, and
+`partner_queued` to tell a half whose other half is already waiting here.
 """
 
 from __future__ import annotations
 
 import heapq
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,9 @@ class Request:
     key_scope: Any = None
     # (client address, server address) of the connection; None if unknown
     pair_key: tuple[object, object] | None = None
+    # The peer is this host (loopback, or our own address): the other half of
+    # the connection is a request of ours too, sooner or later.
+    local_peer: bool = False
 
     def __post_init__(self) -> None:
         params = self.params
@@ -66,7 +70,8 @@ class DeadlineQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Request]] = []
         self._queued: dict[int, Request] = {}  # req_id -> request
-        self._by_pair: dict[tuple[object, object], Request] = {}
+        # Both halves of a loopback connection can wait at once: keep each.
+        self._by_pair: dict[tuple[object, object], list[Request]] = {}
 
     def __len__(self) -> int:
         return len(self._queued)
@@ -75,12 +80,15 @@ class DeadlineQueue:
         heapq.heappush(self._heap, (request.deadline, request.req_id, request))
         self._queued[request.req_id] = request
         if request.pair_key is not None:
-            self._by_pair[request.pair_key] = request
+            self._by_pair.setdefault(request.pair_key, []).append(request)
 
     def _forget(self, request: Request) -> None:
         del self._queued[request.req_id]
-        if request.pair_key is not None and self._by_pair.get(request.pair_key) is request:
-            del self._by_pair[request.pair_key]
+        key = request.pair_key
+        if key is not None and request in (halves := self._by_pair.get(key, [])):
+            halves.remove(request)
+            if not halves:
+                del self._by_pair[key]
 
     def _drop_stale(self) -> None:
         heap = self._heap
@@ -95,10 +103,32 @@ class DeadlineQueue:
 
     def pop_partner(self, pair_keys: Iterable[tuple[object, object] | None]) -> Request | None:
         """A queued request that shares a key in `pair_keys` (earliest deadline), or None."""
-        found = [r for k in pair_keys if k is not None and (r := self._by_pair.get(k))]
+        found = [r for k in pair_keys if k is not None for r in self._by_pair.get(k, ())]
         if not found:
             return None
         request = min(found, key=lambda r: (r.deadline, r.req_id))
+        self._forget(request)
+        return request
+
+    def count_partners(self, pair_keys: Iterable[tuple[object, object] | None]) -> int:
+        """How many queued requests share a key in `pair_keys`."""
+        return sum(len(self._by_pair.get(k, ())) for k in pair_keys if k is not None)
+
+    def partner_queued(self, request: Request) -> bool:
+        """The other half of `request`'s connection waits here too."""
+        if request.pair_key is None:
+            return False
+        return any(r is not request for r in self._by_pair.get(request.pair_key, ()))
+
+    def pop_first(self, admissible: Callable[[Request], bool]) -> Request | None:
+        """The earliest-deadline queued request that `admissible` accepts, or None."""
+        self._drop_stale()
+        if self._heap and admissible(self._heap[0][2]):
+            return self.pop()
+        candidates = [r for r in self._queued.values() if admissible(r)]
+        if not candidates:
+            return None
+        request = min(candidates, key=lambda r: (r.deadline, r.req_id))
         self._forget(request)
         return request
 

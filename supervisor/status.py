@@ -206,6 +206,7 @@ def build_status(arbiter: Any) -> dict[str, Any]:
         "accepting": arbiter.accepting and broker.can_accept(),
         "limits": {
             "max_queued": broker.max_queued,
+            "max_running": broker.max_running,
             "fd_limit": broker.fd_limit,
             "fds_held": broker.held_fds(),
         },

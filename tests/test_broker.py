@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from typing import Any
 
 import pytest
 from tlshd.supervisor.broker import (
@@ -70,3 +71,68 @@ def test_admission_is_bounded(limit_by: str) -> None:
         broker.queue._queued[admitted] = object()  # stands for one accepted request
         admitted += 1
     assert admitted == 3
+
+
+def queued_half(broker: Broker, req_id: int, connection: int, local: bool = True) -> Any:
+    """A stand-in request in the broker's queue (only what admission reads)."""
+    from tlshd.supervisor.queue import Request
+
+    request = Request.__new__(Request)
+    request.req_id, request.deadline = req_id, float(req_id)
+    request.pair_key = (("127.0.0.1", 700 + connection), ("127.0.0.1", 2049))
+    request.local_peer = local
+    broker.queue.push(request)
+    return request
+
+
+def test_running_handshakes_are_limited_and_loopback_halves_never_wait_on_each_other() -> None:
+    from tlshd.supervisor.broker import Running
+
+    broker = Broker(object(), WorkerPool(), CompletionStats(), {}, lambda _s: None)
+    broker.max_running = 4
+    running = Running([])
+    # Local halves whose other half has not arrived take half of the room at most:
+    lone = [queued_half(broker, i, i) for i in range(3)]
+    assert broker.admissible(lone[0], running)
+    running.add(broker.queue.pop_first(lambda r: r is lone[0]))
+    running.add(broker.queue.pop_first(lambda r: r is lone[1]))
+    assert running.lone_local == 2 and not broker.admissible(lone[2], running)
+    # ...so a connection whose halves both wait here still starts, as a pair,
+    remote = queued_half(broker, 10, 20, local=False)
+    client, server = queued_half(broker, 11, 30), queued_half(broker, 12, 30)
+    assert broker.admissible(server, running) and broker.admissible(remote, running)
+    running.add(broker.queue.pop_first(lambda r: r is server))
+    assert broker.queue.pop_partner(running.pair_keys) is client
+    running.add(client)
+    assert running.count == 4 and running.lone_local == 2
+    # and then nothing starts but the other half of a running connection.
+    assert not broker.admissible(remote, running)
+    partner = queued_half(broker, 13, 0)
+    assert broker.queue.pop_partner(running.pair_keys) is partner
+    running.add(partner)
+    assert running.lone_local == 1 and running.count == 5
+
+
+def test_running_limit_scales_with_the_cpus_the_daemon_may_use() -> None:
+    import os
+
+    from tlshd.supervisor.broker import HANDSHAKES_PER_CPU, running_limit
+
+    assert running_limit() == HANDSHAKES_PER_CPU * len(os.sched_getaffinity(0))
+
+
+def test_the_zygote_forks_only_for_requests_that_could_start() -> None:
+    from types import SimpleNamespace
+
+    broker = Broker(object(), WorkerPool(), CompletionStats(), {}, lambda _s: None)
+    broker.max_running = 4
+    busy = [queued_half(broker, i, i) for i in range(3)]
+    for request in busy:
+        broker.queue.pop_first(lambda r, request=request: r is request)
+    broker.pool = SimpleNamespace(busy=lambda: [SimpleNamespace(request=r) for r in busy])  # type: ignore[assignment]
+    for i in range(10, 20):
+        queued_half(broker, i, i, local=False)
+    assert broker.workers_wanted() == 1  # room for one more of the ten
+    queued_half(broker, 30, 0)
+    queued_half(broker, 31, 1)  # the other halves of two running connections
+    assert broker.workers_wanted() == 2  # both, and no room left

@@ -29,3 +29,41 @@ def test_deadline_queue_orders_and_expires() -> None:
     assert requests[0].known_serials == {5, 6}
     for request in requests:
         request.sock.close()
+
+
+def half(req_id: int, deadline: float, connection: int, local: bool = True) -> Request:
+    request = make_request(req_id, deadline)
+    request.pair_key = (("127.0.0.1", 700 + connection), ("127.0.0.1", 2049))
+    request.local_peer = local
+    return request
+
+
+def test_both_halves_of_a_connection_can_wait_and_either_is_found() -> None:
+    queue = DeadlineQueue()
+    client, server = half(1, 10.0, 0), half(2, 5.0, 0)
+    other = half(3, 4.0, 1)
+    for request in (client, server, other):
+        queue.push(request)
+    assert queue.partner_queued(client) and queue.partner_queued(server)
+    assert not queue.partner_queued(other)
+    assert queue.count_partners({client.pair_key, other.pair_key, None}) == 3
+    # The later-queued half going first must not hide the earlier one.
+    assert queue.pop_first(lambda r: r.req_id == 2) is server
+    assert not queue.partner_queued(client)
+    assert queue.pop_partner({server.pair_key}) is client
+    assert queue.count_partners({client.pair_key}) == 0
+    assert queue.pop() is other and len(queue) == 0
+    for request in (client, server, other):
+        request.sock.close()
+
+
+def test_pop_first_takes_the_earliest_admissible_and_leaves_the_rest_in_order() -> None:
+    queue = DeadlineQueue()
+    requests = [make_request(i, deadline) for i, deadline in enumerate((3.0, 1.0, 2.0, 4.0))]
+    for request in requests:
+        queue.push(request)
+    assert queue.pop_first(lambda r: r.req_id in (0, 2, 3)) is requests[2]
+    assert queue.pop_first(lambda r: False) is None
+    assert [r.req_id for r in queue.drain()] == [1, 0, 3]
+    for request in requests:
+        request.sock.close()

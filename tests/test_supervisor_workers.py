@@ -9,6 +9,7 @@ import base64
 import errno
 import resource
 import signal
+import threading
 import time
 
 import psutil
@@ -132,6 +133,63 @@ def test_burst_of_loopback_pairs_beyond_the_reserve(kernel: FakeKernel) -> None:
         assert statuses == [0] * 2 * pairs
         doc = daemon.status()
         assert doc["done"] == 2 * pairs and doc["failed"] == 0
+        for client, server in sockets:
+            client.close()
+            server.close()
+
+
+def limit_running_to_four() -> None:
+    """In the daemon, before the Arbiter is built: 4 handshakes at once."""
+    from tlshd.supervisor import broker
+
+    broker.running_limit = lambda: 4
+
+
+def test_loopback_burst_under_the_running_limit_with_nfsd_threads_out_of_order(
+    kernel: FakeKernel,
+) -> None:
+    """All client halves first, as mounts connect; then the server halves
+    from three "nfsd threads", each blocked until its request is DONE (as
+    svc_tcp_handshake waits), last connection first.  With 4 handshakes
+    allowed at once, client halves alone must not take the room the server
+    halves need, or both wait until nfsd's 5 s timer fails them."""
+    directory = short_tmpdir()
+    text = config_text(directory / "status.sock", min_workers=2, max_workers=192, timeout_ms=30000)
+    pairs = 12
+    with running_daemon(
+        kernel, pair_engine, config=text, directory=directory, in_child=limit_running_to_four
+    ) as daemon:
+        assert daemon.status()["limits"]["max_running"] == 4
+        sockets = [tcp_pair() for _ in range(pairs)]
+        clients = [kernel.submit(c, MsgType.CLIENTHELLO, AuthMode.UNAUTH) for c, _ in sockets]
+        # nfsd accepts the connections only once the daemon has taken what it will.
+        daemon.wait_for(lambda d: d["in_flight"] >= 2 and d["queued"] <= 10, what="clients started")
+        time.sleep(0.2)
+        servers_left = [server for _, server in sockets]  # popped from the end: last first
+        servers = []
+        lock = threading.Lock()
+
+        def nfsd_thread() -> None:
+            while True:
+                with lock:
+                    if not servers_left:
+                        return
+                    request = kernel.submit(servers_left.pop(), MsgType.SERVERHELLO, AuthMode.X509)
+                    servers.append(request)
+                request.wait_done(30)
+
+        threads = [threading.Thread(target=nfsd_thread, daemon=True) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        most_running = 0
+        while any(thread.is_alive() for thread in threads):
+            most_running = max(most_running, daemon.status()["in_flight"])
+            time.sleep(0.01)
+        statuses = [r.wait_done(30)[0] for r in clients + servers]
+        assert statuses == [0] * 2 * pairs
+        # 4, plus the other halves of running loopback connections (two of them lone)
+        assert most_running <= 6
+        assert daemon.status()["failed"] == 0
         for client, server in sockets:
             client.close()
             server.close()
