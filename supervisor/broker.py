@@ -217,9 +217,9 @@ class Broker:
         for worker in spare:
             if not self.queue:
                 return
-            request = self.queue.pop_partner(running.pair_keys) or self.queue.pop_first(
-                lambda r: self.admissible(r, running)
-            )
+            request = self.queue.pop_partner(running.pair_keys)
+            if request is None and running.count < self.max_running:
+                request = self.queue.pop_first(lambda r: self.admissible(r, running))
             if request is None:
                 return
             if self.hand_off(worker, request, now):
@@ -281,7 +281,7 @@ class Broker:
     def expire(self, now: float) -> None:
         """Queued requests past their deadline fail; workers past it are killed."""
         for request in self.queue.pop_expired(now):
-            self.finish(request, errno.ETIMEDOUT, "no worker became free before the deadline")
+            self.finish(request, errno.ETIMEDOUT, "still queued at its deadline")
         for worker in self.pool.busy():
             assert worker.request is not None
             if now >= worker.request.deadline:
