@@ -22,9 +22,11 @@ six times the CPU of a newer one, one 1 s old weighs as much as 7 tasks at
 nice 0, one 2 s old as 35, one at the floor as 87.  A handshake that ends
 within 0.125 s never leaves nice 0.  Nothing blocks: a worker waiting for
 its peer uses no CPU whatever its nice value, so the two halves of a
-loopback connection cannot hold each other up, as a cap on concurrent
-workers could.  The zygote runs at FLOOR_NICE throughout: every fork it makes
-during a burst serves a request that is already waiting.
+loopback connection cannot hold each other up.  (How many handshakes run at
+once is the supervisor's to bound, supervisor/broker.py: a request that
+waited there for room starts at the nice value of its age.)  The zygote runs
+at FLOOR_NICE throughout: every fork it makes during a burst serves a
+request that is already waiting.
 
 The bound.  A nice value below 0 needs RLIMIT_NICE above 20 (setpriority(2):
 an unprivileged process may lower its nice value to 20 - RLIMIT_NICE).  The
