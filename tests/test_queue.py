@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tlshd.supervisor.queue import DeadlineQueue, Request
 
 from tlshd.log import handshake_logger
@@ -67,3 +69,53 @@ def test_pop_first_takes_the_earliest_admissible_and_leaves_the_rest_in_order() 
     assert [r.req_id for r in queue.drain()] == [1, 0, 3]
     for request in requests:
         request.sock.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push", "pop", "partner", "first"]), st.integers(0, 5))))
+def test_every_queued_request_comes_out_once_and_pairs_stay_findable(ops: list) -> None:
+    """Random pushes and takes (plain, as a partner, or the first admissible):
+    a request leaves the queue exactly once, and `partner_queued` and
+    `count_partners` always agree with what is really queued."""
+    queue = DeadlineQueue()
+    queued: list[Request] = []
+    taken: list[Request] = []
+    next_id = 0
+    for op, arg in ops:
+        if op == "push":
+            request = half(next_id, float(arg), connection=arg % 3)
+            request.sock.close()
+            next_id += 1
+            queue.push(request)
+            queued.append(request)
+            continue
+        if not queued:
+            continue
+        if op == "pop":
+            got = queue.pop()
+            assert got is min(queued, key=lambda r: (r.deadline, r.req_id))
+        elif op == "partner":
+            key = (("127.0.0.1", 700 + arg % 3), ("127.0.0.1", 2049))
+            got = queue.pop_partner({key})
+            same = [r for r in queued if r.pair_key == key]
+            assert (got is None) == (not same)
+            if got is None:
+                continue
+            assert got is min(same, key=lambda r: (r.deadline, r.req_id))
+        else:
+            got = queue.pop_first(lambda r, arg=arg: r.req_id % 2 == arg % 2)
+            fitting = [r for r in queued if r.req_id % 2 == arg % 2]
+            if got is None:
+                assert not fitting
+                continue
+            assert got is min(fitting, key=lambda r: (r.deadline, r.req_id))
+        queued.remove(got)
+        taken.append(got)
+        for request in queued:
+            others = [r for r in queued if r is not request and r.pair_key == request.pair_key]
+            assert queue.partner_queued(request) == bool(others)
+        assert len(queue) == len(queued)
+        assert queue.count_partners({r.pair_key for r in taken}) == sum(
+            1 for r in queued if r.pair_key in {t.pair_key for t in taken}
+        )
+    assert sorted(r.req_id for r in queue.drain()) == sorted(r.req_id for r in queued)
