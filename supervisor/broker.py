@@ -213,7 +213,7 @@ class Broker:
         if not spare:
             return
         spare.sort(key=lambda w: (w.ready_at is None, w.token))
-        running = Running([w.request for w in self.pool.busy() if w.request is not None])
+        running = self.running()
         for worker in spare:
             if not self.queue:
                 return
@@ -224,6 +224,9 @@ class Broker:
                 return
             if self.hand_off(worker, request, now):
                 running.add(request)
+
+    def running(self) -> Running:
+        return Running([w.request for w in self.pool.busy() if w.request is not None])
 
     def admissible(self, request: Request, running: Running) -> bool:
         """May `request` start now, its connection's other half not running?
@@ -247,7 +250,7 @@ class Broker:
         """Workers `dispatch` would hand queued requests to right now: the
         second halves of running connections, and what the limit leaves room
         for.  The zygote forks no further ahead (supervisor/arbiter.py)."""
-        running = Running([w.request for w in self.pool.busy() if w.request is not None])
+        running = self.running()
         partners = self.queue.count_partners(running.pair_keys)
         room = max(0, self.max_running - running.count - partners)
         return partners + min(len(self.queue) - partners, room)

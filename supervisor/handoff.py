@@ -58,7 +58,6 @@ def open_request(
         deadline=now + budget_s,
         log=handshake_logger(req_id, peer),
         pair_key=pair_key(sock, params),
-        local_peer=peer_is_local(sock),
     )
 
 
@@ -74,22 +73,6 @@ def pair_key(sock: socket.socket, params: HandshakeParams) -> tuple[object, obje
     if params.message_type == MsgType.SERVERHELLO:
         return (remote, local)
     return (local, remote)
-
-
-def peer_is_local(sock: socket.socket) -> bool:
-    """The peer is this host: a loopback address, or the socket's own address.
-
-    Then the connection's other half is (or will be) a request of ours too
-    (supervisor/broker.py counts such halves apart).  A connection between
-    two different addresses of this host is not recognised as local."""
-    try:
-        local, remote = sock.getsockname()[0], sock.getpeername()[0]
-    except (OSError, IndexError, TypeError):
-        return False
-    if not isinstance(remote, str):
-        return False
-    loopback = remote.startswith(("127.", "::ffff:127.")) or remote == "::1"
-    return loopback or remote == local
 
 
 def ktls_state(sock: socket.socket) -> tuple[str, bool, bool]:

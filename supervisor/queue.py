@@ -47,9 +47,6 @@ class Request:
     key_scope: Any = None
     # (client address, server address) of the connection; None if unknown
     pair_key: tuple[object, object] | None = None
-    # The peer is this host (loopback, or our own address): the other half of
-    # the connection is a request of ours too, sooner or later.
-    local_peer: bool = False
 
     def __post_init__(self) -> None:
         params = self.params
@@ -59,6 +56,21 @@ class Request:
     @property
     def role(self) -> str:
         return role_name(self.params.message_type)
+
+    @property
+    def local_peer(self) -> bool:
+        """The peer is this host: the client's address is a loopback one or
+        the server's own, so the connection's other half is (or will be) a
+        request of ours too (supervisor/broker.py counts such halves apart).
+        A connection between two different addresses of this host is not
+        recognised as local."""
+        if self.pair_key is None:
+            return False
+        client, server = self.pair_key
+        if not (isinstance(client, tuple) and isinstance(server, tuple)):
+            return False
+        host = client[0]
+        return host.startswith(("127.", "::ffff:127.")) or host in ("::1", server[0])
 
 
 class DeadlineQueue:

@@ -79,8 +79,8 @@ def queued_half(broker: Broker, req_id: int, connection: int, local: bool = True
 
     request = Request.__new__(Request)
     request.req_id, request.deadline = req_id, float(req_id)
-    request.pair_key = (("127.0.0.1", 700 + connection), ("127.0.0.1", 2049))
-    request.local_peer = local
+    client, server = ("127.0.0.1", "127.0.0.1") if local else ("192.0.2.7", "198.51.100.1")
+    request.pair_key = ((client, 700 + connection), (server, 2049))
     broker.queue.push(request)
     return request
 

@@ -35,9 +35,26 @@ def test_deadline_queue_orders_and_expires() -> None:
 
 def half(req_id: int, deadline: float, connection: int, local: bool = True) -> Request:
     request = make_request(req_id, deadline)
-    request.pair_key = (("127.0.0.1", 700 + connection), ("127.0.0.1", 2049))
-    request.local_peer = local
+    client, server = ("127.0.0.1", "127.0.0.1") if local else ("192.0.2.7", "198.51.100.1")
+    request.pair_key = ((client, 700 + connection), (server, 2049))
     return request
+
+
+def test_a_peer_on_this_host_is_told_from_a_remote_one() -> None:
+    request = make_request(1, 1.0)
+    cases = {
+        (("127.0.0.5", 700), ("127.0.0.5", 2049)): True,  # a loopback mount
+        (("::1", 700, 0, 0), ("::1", 2049, 0, 0)): True,
+        (("::ffff:127.0.0.1", 700, 0, 0), ("::ffff:127.0.0.1", 2049, 0, 0)): True,
+        (("192.0.2.7", 700), ("192.0.2.7", 2049)): True,  # this host by its own address
+        (("192.0.2.7", 700), ("198.51.100.1", 2049)): False,  # a remote peer
+    }
+    for key, local in cases.items():
+        request.pair_key = key
+        assert request.local_peer is local, key
+    request.pair_key = None
+    assert not request.local_peer
+    request.sock.close()
 
 
 def test_both_halves_of_a_connection_can_wait_and_either_is_found() -> None:
