@@ -65,6 +65,7 @@ from .notify import Notifier
 from .pool import (
     FD_EXHAUSTED,
     Generation,
+    WorkerHandle,
     WorkerPool,
     WorkerState,
     ZygoteHandle,
@@ -440,6 +441,8 @@ class Arbiter:
                         os.close(pidfd)
                 return
             try:
+                if (message.get("shared") is True) != worker.shared:
+                    raise ipc.IpcError("'forked' does not say what kind of worker was asked for")
                 worker.forked(pid, pidfd, zygote.pid)
             except ipc.IpcError as err:
                 self.broker.reject_worker(worker, str(err))
@@ -459,10 +462,12 @@ class Arbiter:
             )
 
     def worker_exited(self, pid: int, status: int) -> None:
-        """A worker's wait status, from its zygote or from our own waitpid."""
-        worker = self.pool.by_pid(pid)
-        if worker is None:
-            return
+        """A worker's wait status, from its zygote or from our own waitpid
+        (a worker host's: each of its threads)."""
+        for worker in self.pool.by_pid(pid):
+            self.worker_process_exited(worker, pid, status)
+
+    def worker_process_exited(self, worker: WorkerHandle, pid: int, status: int) -> None:
         worker.exit_status = status
         worker.reaped = True
         if worker.sock is not None:
@@ -574,15 +579,22 @@ class Arbiter:
         pool_config = self.config.pool
         census = self.pool.census(self.generation.number)
         wanted = pool_config.min_workers + self.broker.workers_wanted() - census.spare
+        shared = pool_config.handshakes_per_worker > 1
+        # Where workers share hosts, a request that needs keys still gets a
+        # process of its own, forked when it is queued (workers/host.py).
+        single = 0
+        if shared:
+            single = self.broker.keyed_queued() - self.pool.spare_single(self.generation.number)
+            wanted = max(wanted, single)
         count = min(
             wanted,
             pool_config.max_workers - census.live,
             MAX_OUTSTANDING_FORKS - census.unforked,
         )
-        for _ in range(max(0, count)):
+        for n in range(max(0, count)):
             if not self.broker.can_add_worker():
                 return
-            worker = self.pool.request_worker(zygote)
+            worker = self.pool.request_worker(zygote, shared=shared and n >= single)
             if worker is None:
                 return
             assert worker.sock is not None

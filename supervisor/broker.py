@@ -33,6 +33,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from tlshd import ipc
@@ -217,10 +218,15 @@ class Broker:
         for worker in spare:
             if not self.queue:
                 return
-            request = self.queue.pop_partner(running.pair_keys)
+            # A thread of a worker host serves no request that needs keys
+            # (workers/host.py); a worker of its own serves any.
+            fits = _fits_shared if worker.shared else _fits_any
+            request = self.queue.pop_partner(running.pair_keys, fits)
             if request is None and running.count < self.max_running:
-                request = self.queue.pop_first(lambda r: self.admissible(r, running))
+                request = self.queue.pop_first(partial(_startable, self, running, fits))
             if request is None:
+                if worker.shared:
+                    continue  # a worker of its own may still take a request that needs keys
                 return
             if self.hand_off(worker, request, now):
                 running.add(request)
@@ -245,6 +251,10 @@ class Broker:
         if not request.local_peer or self.queue.partner_queued(request):
             return True
         return running.lone_local < max(1, self.max_running // 2)
+
+    def keyed_queued(self) -> int:
+        """Queued requests that need a worker of their own (`Request.needs_keys`)."""
+        return sum(1 for r in self.queue if r.needs_keys)
 
     def workers_wanted(self) -> int:
         """Workers `dispatch` would hand queued requests to right now: the
@@ -457,6 +467,20 @@ class Running:
             halves = self._local_halves.get(request.pair_key, 0) + 1
             self._local_halves[request.pair_key] = halves
             self.lone_local += 1 if halves == 1 else -1
+
+
+def _startable(
+    broker: Broker, running: Running, fits: Callable[[Request], bool], request: Request
+) -> bool:
+    return fits(request) and broker.admissible(request, running)
+
+
+def _fits_any(_request: Request) -> bool:
+    return True
+
+
+def _fits_shared(request: Request) -> bool:
+    return not request.needs_keys
 
 
 def _current_req_id(worker: WorkerHandle) -> int | None:

@@ -135,6 +135,9 @@ class WorkerHandle:
     claimed_pid: int | None = None  # the pid its `ready` named, before `forked` came
     exit_status: int | None = None
     reaped: bool = False  # exit status known, or the process is gone for sure
+    # A thread of a worker host ([pool] handshakes_per_worker > 1,
+    # workers/host.py): its pid is the host's, which outlives it.
+    shared: bool = False
 
     @property
     def spare(self) -> bool:
@@ -142,7 +145,8 @@ class WorkerHandle:
         return self.state in SPARE_STATES and self.sock is not None
 
     def forked(self, pid: int, pidfd: int | None, zygote_pid: int | None = None) -> None:
-        """The zygote reported the pid (and a pidfd) of this worker."""
+        """The zygote reported the pid (and a pidfd) of this worker: its own,
+        or its worker host's if `shared`."""
         if pidfd is None and zygote_pid is not None:
             pidfd = _pidfd_of_child(pid, zygote_pid)
         self.pid, self.pidfd = pid, pidfd
@@ -273,9 +277,10 @@ class WorkerPool:
 
     # --- workers ------------------------------------------------------------------
 
-    def request_worker(self, zygote: ZygoteHandle) -> WorkerHandle | None:
+    def request_worker(self, zygote: ZygoteHandle, shared: bool = False) -> WorkerHandle | None:
         """Ask `zygote` for one worker; None if no fd is left or its channel
-        is full (both retried on a later pass)."""
+        is full (both retried on a later pass).  `shared`: a thread of a
+        worker host (workers/host.py) instead of a process of its own."""
         assert zygote.sock is not None
         try:
             ours, theirs = socket.socketpair(
@@ -286,7 +291,10 @@ class WorkerPool:
             return None
         token = next(self._tokens)
         try:
-            ipc.send_message(zygote.sock, {"op": "fork", "token": token}, (theirs.fileno(),))
+            message: dict[str, Any] = {"op": "fork", "token": token}
+            if shared:
+                message["shared"] = True
+            ipc.send_message(zygote.sock, message, (theirs.fileno(),))
         except OSError:  # full (retried later) or broken (EOF comes next)
             ours.close()
             return None
@@ -294,6 +302,7 @@ class WorkerPool:
             theirs.close()
         ours.setblocking(False)
         worker = WorkerHandle(token, ours, zygote.generation, zygote.pid, time.monotonic())
+        worker.shared = shared
         self.workers[token] = worker
         return worker
 
@@ -319,14 +328,23 @@ class WorkerPool:
                 os.close(fd)
             raise
 
-    def by_pid(self, pid: int) -> WorkerHandle | None:
-        return next((w for w in self.workers.values() if w.pid == pid), None)
+    def by_pid(self, pid: int) -> list[WorkerHandle]:
+        """The worker with `pid`, or every thread of the worker host with it."""
+        return [w for w in self.workers.values() if w.pid == pid]
 
     def of_zygote(self, zygote: ZygoteHandle) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.zygote_pid == zygote.pid]
 
     def spare(self, generation: int) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.spare and w.generation == generation]
+
+    def spare_single(self, generation: int) -> int:
+        """Spare workers of `generation` with a process of their own."""
+        return sum(
+            1
+            for w in self.workers.values()
+            if w.spare and w.generation == generation and not w.shared
+        )
 
     def census(self, generation: int) -> Census:
         """The counts the loop needs on every pass, in one walk over the
@@ -356,7 +374,8 @@ class WorkerPool:
         gone = [
             w
             for w in self.workers.values()
-            if w.sock is None and (w.reaped or (not self._zygote_live(w) and w.process_gone()))
+            if w.sock is None
+            and (w.reaped or w.shared or (not self._zygote_live(w) and w.process_gone()))
         ]
         for worker in gone:
             worker.forget()

@@ -26,6 +26,7 @@ from typing import Any
 
 from tlshd.log import HandshakeLogAdapter
 from tlshd.params import HandshakeParams, role_name
+from tlshd.uapi import AuthMode
 
 
 @dataclass(eq=False)
@@ -52,6 +53,16 @@ class Request:
         params = self.params
         self.known_serials.update(params.peer_identities)
         self.known_serials.update(s for s in (params.cert_serial, params.privkey_serial) if s)
+
+    @property
+    def needs_keys(self) -> bool:
+        """The worker will read keys from the kernel's keyrings (through the
+        supervisor) for this request: a certificate and its private key, or
+        a PSK.  Such a request never goes to a worker host, whose threads
+        serve other requests (workers/host.py)."""
+        params = self.params
+        keyring_keys = params.cert_serial or params.privkey_serial or params.peer_identities
+        return bool(keyring_keys or params.keyring) or params.auth_mode == AuthMode.PSK
 
     @property
     def role(self) -> str:
@@ -113,9 +124,16 @@ class DeadlineQueue:
         self._forget(request)
         return request
 
-    def pop_partner(self, pair_keys: Iterable[tuple[object, object] | None]) -> Request | None:
-        """A queued request that shares a key in `pair_keys` (earliest deadline), or None."""
-        found = [r for k in pair_keys if k is not None for r in self._by_pair.get(k, ())]
+    def pop_partner(
+        self,
+        pair_keys: Iterable[tuple[object, object] | None],
+        allowed: Callable[[Request], bool] = lambda _r: True,
+    ) -> Request | None:
+        """A queued request that shares a key in `pair_keys` (earliest
+        deadline) and that `allowed` accepts, or None."""
+        found = [
+            r for k in pair_keys if k is not None for r in self._by_pair.get(k, ()) if allowed(r)
+        ]
         if not found:
             return None
         request = min(found, key=lambda r: (r.deadline, r.req_id))

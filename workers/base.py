@@ -41,8 +41,12 @@ class Worker:
         generation: Any,
         engine: Engine,
         install_ktls: Callable[[socket.socket, bytes, bytes], None] | None = None,
+        threaded: bool = False,
     ) -> None:
         self.channel = channel
+        # A thread of a worker host (workers/host.py): the process title and
+        # the seccomp filter's pid are the host's.
+        self.threaded = threaded
         self.generation = generation
         self.engine = engine
         self.install_ktls = install_ktls
@@ -50,7 +54,8 @@ class Worker:
     def run(self) -> int:
         """The worker's whole life; the exit status."""
         self.channel.setblocking(True)
-        set_title("tlshd: worker idle")
+        if not self.threaded:
+            set_title("tlshd: worker idle")
         try:
             # Before any peer data (workers/seccomp.py): the accepted socket
             # arrives only after `ready`.
@@ -77,6 +82,12 @@ class Worker:
                 os.close(fd)
             return 1
         HandshakeJob(
-            self.channel, message, fds[0], self.generation, self.engine, self.install_ktls
+            self.channel,
+            message,
+            fds[0],
+            self.generation,
+            self.engine,
+            self.install_ktls,
+            threaded=self.threaded,
         ).run()
         return 0

@@ -123,8 +123,10 @@ class HandshakeJob:
         generation: Any,
         engine: Engine,
         install_ktls: Callable[[socket.socket, bytes, bytes], None] | None = None,
+        threaded: bool = False,
     ) -> None:
         self.channel = channel
+        self.threaded = threaded  # in a worker host: the title is the host's
         self.req_id = int(message["req"])
         self.params = HandshakeParams.from_wire(message["params"])
         self.deadline = time.monotonic() + float(message["deadline_s"])
@@ -176,7 +178,8 @@ class HandshakeJob:
 
     def set_phase(self, phase: str) -> None:
         phase = phase[: ipc.MAX_PHASE_LEN]
-        set_title(f"tlshd: worker {self.peer} {phase}")
+        if not self.threaded:
+            set_title(f"tlshd: worker {self.peer} {phase}")
         try:
             ipc.send_message(
                 self.channel,

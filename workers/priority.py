@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 
 FLOOR_NICE = -20  # the oldest handshakes, and the zygote
@@ -114,21 +115,25 @@ class AgingPriority:
                 self.current = wanted
 
 
-_schedule: AgingPriority | None = None
+# Per thread: setpriority(PRIO_PROCESS, 0) sets the calling thread's nice
+# value on Linux (setpriority(2), "BUGS"), and a worker host's threads each
+# follow their own request (workers/host.py).
+_schedules = threading.local()
 
 
 def follow(waited_s: float) -> None:
-    """From now on this process (a single-use worker) follows the schedule of
-    its request, accepted `waited_s` seconds ago; a no-op where it may not
-    raise its priority."""
-    global _schedule
+    """From now on this process (a single-use worker), or this thread of a
+    worker host, follows the schedule of its request, accepted `waited_s`
+    seconds ago; a no-op where it may not raise its priority."""
     if not _may_raise:
         return
-    _schedule = AgingPriority(time.monotonic() - max(waited_s, 0.0))
-    _schedule.keep_up()
+    schedule = AgingPriority(time.monotonic() - max(waited_s, 0.0))
+    _schedules.current = schedule
+    schedule.keep_up()
 
 
 def keep_up() -> None:
     """Called by the engine before each wait for the socket."""
-    if _schedule is not None:
-        _schedule.keep_up()
+    schedule: AgingPriority | None = getattr(_schedules, "current", None)
+    if schedule is not None:
+        schedule.keep_up()

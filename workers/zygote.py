@@ -91,6 +91,7 @@ class Zygote:
         self.install_ktls = install_ktls
         self.prepare_kernel = prepare_kernel
         self._wake_r = self._wake_w = -1
+        self.hosts: list[_Host] = []
 
     # --- start-up (in the forked child) ------------------------------------------
 
@@ -197,8 +198,92 @@ class Zygote:
                 os.close(fd)
             log.error("zygote %d: malformed fork request", os.getpid())
             return False
-        self.fork_worker(token, fds[0])
+        if message.get("shared") is True:
+            self.place_in_host(token, fds[0])
+        else:
+            self.fork_worker(token, fds[0])
         return True
+
+    # --- shared workers ([pool] handshakes_per_worker > 1; workers/host.py) ---------
+
+    def place_in_host(self, token: int, channel_fd: int) -> None:
+        """Give the worker channel to a host process with a slot left, forking
+        a new host if none has one, and report the host's pid as the worker's.
+        A host takes `handshakes_per_worker` channels in its life: then its
+        control channel is closed, and it exits once its threads are done."""
+        host = self.open_host()
+        if host is None:
+            os.close(channel_fd)
+            with contextlib.suppress(OSError):
+                ipc.send_message(
+                    self.channel, {"op": "fork_failed", "token": token, "errno": errno.EAGAIN}
+                )
+            return
+        assert host.control is not None
+        try:
+            ipc.send_message(host.control, {"op": "slot"}, (channel_fd,))
+        except OSError:
+            host.retire()  # it died: its slots' channels see EOF in the supervisor
+            os.close(channel_fd)
+            with contextlib.suppress(OSError):
+                ipc.send_message(
+                    self.channel, {"op": "fork_failed", "token": token, "errno": errno.EAGAIN}
+                )
+            return
+        os.close(channel_fd)
+        host.slots_given += 1
+        if host.slots_given >= self.generation.config.pool.handshakes_per_worker:
+            host.retire()
+        with contextlib.suppress(OSError):
+            ipc.send_message(
+                self.channel,
+                {"op": "forked", "token": token, "pid": host.pid, "shared": True},
+                (host.pidfd,) if host.pidfd >= 0 else (),
+            )
+
+    def open_host(self) -> _Host | None:
+        for host in self.hosts:
+            if host.control is not None:
+                return host
+        control, child_end = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        try:
+            pid = os.fork()
+        except OSError:
+            control.close()
+            child_end.close()
+            return None
+        if pid == 0:  # pragma: no cover - the host
+            control.close()
+            for other in self.hosts:
+                other.close()
+            self._become_host(child_end)
+        child_end.close()
+        host = _Host(pid, _pidfd_open(pid), control)
+        self.hosts = [h for h in self.hosts if h.alive] + [host]
+        return host
+
+    def _become_host(self, control: socket.socket) -> None:  # pragma: no cover - in the child
+        code = WORKER_BOOT_ERROR
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self.channel.close()
+            from tlshd.workers.host import WorkerHost
+
+            assert self.engine is not None
+            code = WorkerHost(control, self.generation, self.engine, self.install_ktls).run()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                log.exception("worker host %d crashed", os.getpid())
+            code = 1
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+            os._exit(code)
 
     def fork_worker(self, token: int, channel_fd: int) -> None:
         try:
@@ -234,6 +319,8 @@ class Zygote:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self.channel.close()
+            for host in self.hosts:
+                host.close()
             from tlshd.workers.base import Worker
 
             assert self.engine is not None
@@ -252,8 +339,42 @@ class Zygote:
 
     def report_exits(self) -> None:
         for pid, status in reap_exited():
+            for host in self.hosts:
+                if host.pid == pid:
+                    host.exited()
             with contextlib.suppress(OSError):
                 ipc.send_message(self.channel, {"op": "exited", "pid": pid, "status": status})
+
+
+class _Host:
+    """A worker host as the zygote sees it: its control channel (None once it
+    has all its slots) and a pidfd the `forked` reports pass on."""
+
+    def __init__(self, pid: int, pidfd: int, control: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.control: socket.socket | None = control
+        self.slots_given = 0
+        self.alive = True
+
+    def retire(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    def exited(self) -> None:
+        self.retire()
+        self.alive = False
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def close(self) -> None:
+        """In a forked child: none of this is its own."""
+        if self.control is not None:
+            self.control.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
 
 
 # --- helpers shared with the worker --------------------------------------------------
