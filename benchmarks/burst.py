@@ -205,13 +205,16 @@ def table(rows: list[dict[str, Any]], mode: str) -> str:
     return "\n".join(lines)
 
 
+OUR_KINDS = ("ours", "hosts")  # "hosts": ours with [pool] handshakes_per_worker > 1
+
+
 def paired_rounds(
-    rows: list[dict[str, Any]], mode: str, size: int
+    rows: list[dict[str, Any]], mode: str, size: int, kind: str = "ours"
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(ours, upstream) of the same round: the same boot, one after the other."""
     g = groups(rows)
     up_by_round = {r["label"].split("-")[0]: r for r in g.get((mode, size, "upstream"), [])}
-    ours = g.get((mode, size, "ours"), [])
+    ours = g.get((mode, size, kind), [])
     pairs = [(r, up_by_round.get(r["label"].split("-")[0])) for r in ours]
     return [(o, u) for o, u in pairs if u is not None]
 
@@ -219,39 +222,46 @@ def paired_rounds(
 def ratio_table(rows: list[dict[str, Any]]) -> str:
     """Ours / upstream, round by round: wall, p99 and guest CPU per handshake."""
     lines = [
-        "| mode, mounts | wall, round by round | median | p99, round by round "
+        "| daemon | mode, mounts | wall, round by round | median | p99, round by round "
         "| CPU per handshake (median) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
-    for mode, size in sorted({(k[0], k[1]) for k in groups(rows)}):
-        pairs = paired_rounds(rows, mode, size)
-        if not pairs:
-            continue
-        wall = [o["wall_s"] / u["wall_s"] for o, u in pairs]
-        p99 = [o["p99_s"] / u["p99_s"] for o, u in pairs if o["p99_s"] and u["p99_s"]]
-        cpu = [o["cpu_ms_per_handshake"] / u["cpu_ms_per_handshake"] for o, u in pairs
-               if o["cpu_ms_per_handshake"] and u["cpu_ms_per_handshake"]]  # fmt: skip
-        lines.append(
-            f"| {mode}, {size} | {' '.join(f'{r:.2f}' for r in wall)} "
-            f"| {statistics.median(wall):.2f} | {' '.join(f'{r:.2f}' for r in p99)} "
-            f"| {fmt(statistics.median(cpu) if cpu else None)} |"
-        )
+    for kind in OUR_KINDS:
+        for mode, size in sorted({(k[0], k[1]) for k in groups(rows)}):
+            line = _ratio_line(rows, kind, mode, size)
+            if line:
+                lines.append(line)
     return "\n".join(lines)
+
+
+def _ratio_line(rows: list[dict[str, Any]], kind: str, mode: str, size: int) -> str | None:
+    pairs = paired_rounds(rows, mode, size, kind)
+    if not pairs:
+        return None
+    wall = [o["wall_s"] / u["wall_s"] for o, u in pairs]
+    p99 = [o["p99_s"] / u["p99_s"] for o, u in pairs if o["p99_s"] and u["p99_s"]]
+    cpu = [o["cpu_ms_per_handshake"] / u["cpu_ms_per_handshake"] for o, u in pairs
+           if o["cpu_ms_per_handshake"] and u["cpu_ms_per_handshake"]]  # fmt: skip
+    return (
+        f"| {kind} | {mode}, {size} | {' '.join(f'{r:.2f}' for r in wall)} "
+        f"| {statistics.median(wall):.2f} | {' '.join(f'{r:.2f}' for r in p99)} "
+        f"| {fmt(statistics.median(cpu) if cpu else None)} |"
+    )
 
 
 def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
     """The issue's targets, per size: ours against upstream of the same round (same boot)."""
     g = groups(rows)
     out = []
-    for size in sorted({k[1] for k in g if k[0] == mode}):
-        ours = g.get((mode, size, "ours"), [])
+    for kind, size in sorted({(k[2], k[1]) for k in g if k[0] == mode and k[2] in OUR_KINDS}):
+        ours = g.get((mode, size, kind), [])
         if not ours:
             continue
         checks = []
         clean = all(r["failed"] == 0 and r["cancelled"] == 0 and r["mounts_ok"] == size
                     for r in ours)  # fmt: skip
         checks.append(f"0 failed/cancelled and every mount in every round: {_yes(clean)}")
-        paired = paired_rounds(rows, mode, size)
+        paired = paired_rounds(rows, mode, size, kind)
         if paired:
             ratios = [o["wall_s"] / u["wall_s"] for o, u in paired]
             checks.append(f"wall <= 1.0x upstream every round: {_yes(max(ratios) <= 1.0)} "
@@ -280,7 +290,7 @@ def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
         ready = median_and_worst(ours, "ready_s")[1]
         if mode == "cold" and ready is not None:
             checks.append(f"ready <= 2.0 s: {_yes(ready <= 2.0)} (worst {ready} s)")
-        out.append(f"{mode}, {size} mounts: " + "; ".join(checks))
+        out.append(f"{kind}, {mode}, {size} mounts: " + "; ".join(checks))
     return out
 
 
@@ -292,7 +302,7 @@ def print_report(rows: list[dict[str, Any]], modes: list[str]) -> None:
     for mode in modes:
         print(f"\n{mode} mode\n")
         print(table(rows, mode))
-    print("\nours / upstream, round by round\n")
+    print("\nours (and hosts) / upstream, round by round\n")
     print(ratio_table(rows))
     print()
     for r in rows:
@@ -308,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--daemons", nargs="+", default=["upstream", "ours"],
-                    choices=["upstream", "ours"])  # fmt: skip
+                    choices=["upstream", "ours", "hosts"])  # fmt: skip
+    ap.add_argument("--handshakes-per-worker", type=int, default=8,
+                    help="[pool] handshakes_per_worker of the 'hosts' daemon")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--image", default="trixie",
                     help="lab image: trixie (Debian 6.12, upstream 1.0.0) or forky "
@@ -346,9 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         "BURST_ROUNDS": str(args.rounds),
         "BURST_KILL": str(args.kill),
         "BURST_SCHED_TRACE": args.sched_trace,
+        "BURST_HANDSHAKES_PER_WORKER": str(args.handshakes_per_worker),
     }
     started = time.strftime("%Y%m%d-%H%M%S")
-    res = run_guest(GUEST_SCRIPT.read_text(), daemon=args.daemons[-1], timeout=args.timeout,
+    lab_daemon = "upstream" if args.daemons[-1] == "upstream" else "ours"
+    res = run_guest(GUEST_SCRIPT.read_text(), daemon=lab_daemon, timeout=args.timeout,
                     results_dir=results, env=env, memory=args.memory,
                     echo=args.echo, image=args.image)  # fmt: skip
     watch.stop.set()

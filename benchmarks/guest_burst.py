@@ -9,7 +9,11 @@ guest venv's Python (it has psutil).  Settings come from the environment:
                                        line, i.e. READY; upstream: 1 s after
                                        start); warm: after the daemon settled
     BURST_SIZES     "8 32 64"          mounts per burst
-    BURST_DAEMONS   "upstream ours"    daemons, in this order for every size
+    BURST_DAEMONS   "upstream ours"    daemons, in this order for every size;
+                                       "hosts" is ours with [pool]
+                                       handshakes_per_worker (the alternative
+                                       design, workers/host.py)
+    BURST_HANDSHAKES_PER_WORKER "8"    that setting, for "hosts"
     BURST_ROUNDS    "5"                how many times each (mode, size) runs
     BURST_KILL      "0"                size of an extra warm burst (ours) with one
                                        worker SIGKILLed mid-handshake; 0: none
@@ -56,6 +60,8 @@ RESULTS = Path("/lab/results")
 PKI = Path("/etc/tlshd/pki-burst")
 EIO = 5
 NFSD_GRACE_S = 11.0  # nfsd's grace period after a restart (10 s) must not overlap a burst
+OUR_KINDS = ("ours", "hosts")
+HOSTS_CONFIG = Path("/etc/tlshd/config-hosts")
 UPSTREAM_READY_S = 1.0  # upstream says nothing when it is ready: mounts start 1 s after exec
 READY_LINE = "serving handshakes"
 
@@ -234,7 +240,10 @@ def start_daemon(kind: str) -> tuple[int, float]:
     Ours is ready at its "serving handshakes" line (the moment it sends
     READY to systemd); upstream says nothing, so it gets 1 s."""
     lg.sh(["modprobe", "tls"])
-    argv = lg.OURS if kind == "ours" else lg.UPSTREAM
+    if kind == "hosts":
+        argv = [*lg.OURS[:-1], str(HOSTS_CONFIG)]
+    else:
+        argv = lg.OURS if kind in OUR_KINDS else lg.UPSTREAM
     log_path = lg.RESULTS / f"daemon-{kind}.log"
     with open(log_path, "a") as f:
         f.write(f"==== [{lg.uptime():.2f}] starting {' '.join(argv)}\n")
@@ -339,7 +348,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
     start_busy0, _ = cpu_ticks()
     pid, ready_s = start_daemon(kind)
     start_busy1, _ = cpu_ticks()
-    if kind == "ours" and os.environ.get("BURST_SCHED_TRACE", "off") != "off":
+    if kind in OUR_KINDS and os.environ.get("BURST_SCHED_TRACE", "off") != "off":
         sched_trace(pid)
     settle_s = None
     idle_pss = idle_procs = None
@@ -381,7 +390,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         idle_pss, idle_procs = tree_pss()
     events = lg.read_trace_since(mark)
     reqs = lg.fold_requests(events)
-    if kind == "ours" and os.environ.get("BURST_SCHED_TRACE", "off") != "off":
+    if kind in OUR_KINDS and os.environ.get("BURST_SCHED_TRACE", "off") != "off":
         sched_trace_off(label)
     # Submissions the kernel refused at once (no record in `reqs`): EAGAIN when
     # more than hn_pending_max requests wait unaccepted (kernel-protocol.md).
@@ -400,7 +409,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
     for u in umounts:
         u.join()
     still = [m for m in mnts if f" {m} " in Path("/proc/mounts").read_text()]
-    stats = daemon_status() if kind == "ours" else None
+    stats = daemon_status() if kind in OUR_KINDS else None
     lg.stop_daemon()
     clk_tck = os.sysconf("SC_CLK_TCK")
     return {
@@ -416,7 +425,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         "cpu_busy_s": round((busy1 - busy0) / clk_tck, 2),
         "start_cpu_busy_s": round((start_busy1 - start_busy0) / clk_tck, 2),
         "cpu_total_s": round((total1 - total0) / clk_tck, 2),
-        "daemon_cpu_s": round(daemon_cpu, 2) if kind == "ours" else None,
+        "daemon_cpu_s": round(daemon_cpu, 2) if kind in OUR_KINDS else None,
         # Both daemons, from their cgroups: the figure to compare.
         "daemon_cgroup_cpu_s": (
             round(cgroup_cpu1 - cgroup_cpu0, 3)
@@ -570,6 +579,11 @@ def main() -> int:
         startup["import_zygote_s"] = import_profile("importtime-zygote.txt", IMPORTS_ZYGOTE)
     meminfo = Path("/proc/meminfo").read_text()
     lg.write_config(PKI, loglevel=0)  # upstream's shipped default: no [pool], loglevel=0
+    per_worker = int(os.environ.get("BURST_HANDSHAKES_PER_WORKER", "8"))
+    if "hosts" in daemons:
+        HOSTS_CONFIG.write_text(
+            lg.CONFIG.read_text() + f"\n[pool]\nhandshakes_per_worker={per_worker}\n"
+        )
     if os.environ.get("BURST_LOGS_ON_TMPFS", "1") == "1":
         logs_to_tmpfs()
     lg.trace_on()
@@ -586,6 +600,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
             "config": lg.CONFIG.read_text(),
+            "handshakes_per_worker": per_worker if "hosts" in daemons else None,
             "startup": startup,
             "logs_on_tmpfs": LOGS.is_dir(),
         },
