@@ -44,6 +44,7 @@ from tlshd.log import log
 from tlshd.params import Engine
 from tlshd.proctitle import set_title
 
+from . import WORKER_BOOT_ERROR
 from .base import Worker
 
 HOST_OPS = frozenset({"slot"})
@@ -90,10 +91,18 @@ class WorkerHost:
 
     def serve_slot(self, channel_fd: int) -> None:
         channel = socket.socket(fileno=channel_fd)
+        code = 0
         try:
-            Worker(channel, self.generation, self.engine, self.install_ktls, threaded=True).run()
+            code = Worker(
+                channel, self.generation, self.engine, self.install_ktls, threaded=True
+            ).run()
         except BaseException:
             with contextlib.suppress(BaseException):
                 log.exception("worker host %d: a worker thread crashed", os.getpid())
         finally:
             channel.close()
+        if code == WORKER_BOOT_ERROR:
+            # As a single-use worker would: its exit status tells the
+            # supervisor that workers cannot start here (no seccomp filter),
+            # rather than a thread that fails again for every request.
+            os._exit(WORKER_BOOT_ERROR)

@@ -130,3 +130,23 @@ def test_status_command_reports_the_handshakes(image: str, scenario: Scenario) -
     # (workers/priority.py)
     assert all(p["nice_limit"] == 40 for p in procs), procs
     assert any(p["nice"] == -20 for p in procs), procs
+
+
+@OURS
+def test_worker_hosts_mount_with_ktls(image: str, scenario: Scenario) -> None:
+    """[pool] handshakes_per_worker = 8: handshakes run in threads of worker
+    hosts (workers/host.py) and still hand off to kTLS in the real kernel;
+    a host serves more than one of them, under its own account and seccomp."""
+    sc = scenario("ours", "hosts_mount", image)
+    for name, xprtsec in (("tls", "tls"), ("mtls", "mtls")):
+        assert_mounted_io(sc[name], xprtsec)
+        assert_both_handshakes_ok(sc[name])
+        before, mounted = sc[name]["tls_stat_before"], sc[name]["tls_stat_mounted"]
+        for key in ("TlsTxSw", "TlsRxSw"):
+            assert mounted[key] - before[key] >= 2, (name, key, before[key], mounted[key])
+    served = sc["served_by"]
+    assert len(served) >= 4, served  # a client and a server half per mount
+    assert len(set(served)) < len(served), f"no host served two handshakes: {served}"
+    hosts = [p for p in sc["hosts_proc"] if "error" not in p]  # alive, with spare threads
+    assert all(p["uid"] == sc["tlshd_uid"] for p in hosts), hosts
+    assert all("2" in p["threads_seccomp"] for p in hosts), hosts

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 import time
@@ -214,6 +215,62 @@ def _proc_fields(pid: int) -> dict:
     }
 
 
+def sc_hosts_mount() -> dict:
+    """[pool] handshakes_per_worker = 8 (workers/host.py, ours only): the
+    daemon restarted with worker hosts mounts tls and mtls with kTLS, and
+    each successful handshake names the process that served it."""
+    if lg.daemon_kind() != "ours":
+        return {"ok": True, "skipped": "worker hosts are ours"}
+    original = lg.CONFIG.read_text()
+    log_path = lg.RESULTS / "daemon-ours.log"
+    lg.stop_daemon()
+    lg.CONFIG.write_text(original + "\n[pool]\nhandshakes_per_worker=8\n")
+    out: dict = {}
+    try:
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        out["daemon_pid"] = lg.start_daemon("ours")
+        out["tls"] = mounted_scenario("hosts_tls", "127.0.0.7", "tls")
+        out["mtls"] = mounted_scenario("hosts_mtls", "127.0.0.8", "mtls")
+        with open(log_path, errors="replace") as f:
+            f.seek(offset)
+            text = f.read()
+        # "... handshake succeeded, ... ms (worker PID)" (supervisor/handoff.py)
+        out["served_by"] = [
+            int(m) for m in re.findall(r"handshake succeeded, .*\(worker (\d+)\)", text)
+        ]
+        out["hosts_proc"] = [_host_fields(pid) for pid in sorted(set(out["served_by"]))]
+        out["tlshd_uid"] = pwd.getpwnam("tlshd").pw_uid
+    finally:
+        lg.stop_daemon()
+        lg.CONFIG.write_text(original)
+    out["ok"] = out["tls"]["ok"] and out["mtls"]["ok"]
+    return out
+
+
+def _host_fields(pid: int) -> dict:
+    """Uid of a worker host and the seccomp mode of each of its threads: the
+    main thread reads only the zygote's channel; a handshake thread confines
+    itself before it is ready (workers/host.py)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        tasks = [
+            Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            for tid in os.listdir(f"/proc/{pid}/task")
+        ]
+    except OSError as e:
+        return {"pid": pid, "error": str(e)}
+
+    def field(text: str, name: str) -> str:
+        return next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                    if line.startswith(name + ":"))  # fmt: skip
+
+    return {
+        "pid": pid,
+        "uid": int(field(status, "Uid").split()[0]),
+        "threads_seccomp": sorted(field(t, "Seccomp") for t in tasks),
+    }
+
+
 SCENARIOS = {
     "tls_mount": sc_tls_mount,
     "mtls_mount": sc_mtls_mount,
@@ -221,6 +278,7 @@ SCENARIOS = {
     "wrong_server_name": sc_wrong_server_name,
     "kill_restart": sc_kill_restart,
     "status_report": sc_status_report,
+    "hosts_mount": sc_hosts_mount,
 }
 
 
