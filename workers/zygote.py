@@ -214,10 +214,7 @@ class Zygote:
         host = self.open_host()
         if host is None:
             os.close(channel_fd)
-            with contextlib.suppress(OSError):
-                ipc.send_message(
-                    self.channel, {"op": "fork_failed", "token": token, "errno": errno.EAGAIN}
-                )
+            self.report_fork_failed(token, errno.EAGAIN)
             return
         assert host.control is not None
         try:
@@ -225,10 +222,7 @@ class Zygote:
         except OSError:
             host.retire()  # it died: its slots' channels see EOF in the supervisor
             os.close(channel_fd)
-            with contextlib.suppress(OSError):
-                ipc.send_message(
-                    self.channel, {"op": "fork_failed", "token": token, "errno": errno.EAGAIN}
-                )
+            self.report_fork_failed(token, errno.EAGAIN)
             return
         os.close(channel_fd)
         host.slots_given += 1
@@ -256,8 +250,6 @@ class Zygote:
             return None
         if pid == 0:  # pragma: no cover - the host
             control.close()
-            for other in self.hosts:
-                other.close()
             self._become_host(child_end)
         child_end.close()
         host = _Host(pid, _pidfd_open(pid), control)
@@ -265,35 +257,20 @@ class Zygote:
         return host
 
     def _become_host(self, control: socket.socket) -> None:  # pragma: no cover - in the child
-        code = WORKER_BOOT_ERROR
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
-            self.channel.close()
+        def run() -> int:
             from tlshd.workers.host import WorkerHost
 
             assert self.engine is not None
-            code = WorkerHost(control, self.generation, self.engine, self.install_ktls).run()
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                log.exception("worker host %d crashed", os.getpid())
-            code = 1
-        finally:
-            with contextlib.suppress(BaseException):
-                sys.stdout.flush()
-            os._exit(code)
+            return WorkerHost(control, self.generation, self.engine, self.install_ktls).run()
+
+        self._child_life("worker host", run)
 
     def fork_worker(self, token: int, channel_fd: int) -> None:
         try:
             pid = os.fork()
         except OSError as err:
             os.close(channel_fd)
-            with contextlib.suppress(OSError):
-                ipc.send_message(
-                    self.channel, {"op": "fork_failed", "token": token, "errno": err.errno or 0}
-                )
+            self.report_fork_failed(token, err.errno or 0)
             return
         if pid == 0:  # pragma: no cover - the worker
             self._become_worker(channel_fd)
@@ -312,6 +289,19 @@ class Zygote:
                 os.close(pidfd)
 
     def _become_worker(self, channel_fd: int) -> None:  # pragma: no cover - in the child
+        def run() -> int:
+            from tlshd.workers.base import Worker
+
+            assert self.engine is not None
+            channel = socket.socket(fileno=channel_fd)
+            return Worker(channel, self.generation, self.engine, self.install_ktls).run()
+
+        self._child_life("worker", run)
+
+    def _child_life(self, what: str, run: Callable[[], int]) -> None:  # pragma: no cover
+        """A forked worker's or host's whole life: let go of what is the
+        zygote's (its signal wake-up, its channel, the hosts' channels and
+        pidfds), run, and exit with run's status; never returns."""
         code = WORKER_BOOT_ERROR
         try:
             signal.set_wakeup_fd(-1)
@@ -321,21 +311,19 @@ class Zygote:
             self.channel.close()
             for host in self.hosts:
                 host.close()
-            from tlshd.workers.base import Worker
-
-            assert self.engine is not None
-            worker = Worker(
-                socket.socket(fileno=channel_fd), self.generation, self.engine, self.install_ktls
-            )
-            code = worker.run()
+            code = run()
         except BaseException:
             with contextlib.suppress(BaseException):
-                log.exception("worker %d crashed", os.getpid())
+                log.exception("%s %d crashed", what, os.getpid())
             code = 1
         finally:
             with contextlib.suppress(BaseException):
                 sys.stdout.flush()
             os._exit(code)
+
+    def report_fork_failed(self, token: int, err: int) -> None:
+        with contextlib.suppress(OSError):
+            ipc.send_message(self.channel, {"op": "fork_failed", "token": token, "errno": err})
 
     def report_exits(self) -> None:
         for pid, status in reap_exited():
