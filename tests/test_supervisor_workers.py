@@ -5,7 +5,6 @@ arbiter, real zygote and workers, real loopback TCP sockets."""
 
 from __future__ import annotations
 
-import base64
 import errno
 import resource
 import signal
@@ -31,6 +30,7 @@ from tests.helpers.engines import (
     memory_holds,
     pair_engine,
     pid_engine,
+    read_residue_key,
     residue_engine,
 )
 from tlshd.uapi import AuthMode, MsgType
@@ -117,11 +117,20 @@ def test_deadline_follows_the_consumer(kernel: FakeKernel) -> None:
         assert daemon.status()["failed"] == 0
 
 
-def test_burst_of_loopback_pairs_beyond_the_reserve(kernel: FakeKernel) -> None:
+@pytest.mark.parametrize("handshakes_per_worker", [1, 4])  # 4: worker hosts, workers/host.py
+def test_burst_of_loopback_pairs_beyond_the_reserve(
+    kernel: FakeKernel, handshakes_per_worker: int
+) -> None:
     """Both halves of each connection are ours, as in a loopback NFS mount:
     neither can finish unless both get a worker.  Many more than the reserve."""
     directory = short_tmpdir()
-    text = config_text(directory / "status.sock", min_workers=2, max_workers=192, timeout_ms=30000)
+    text = config_text(
+        directory / "status.sock",
+        min_workers=2,
+        max_workers=192,
+        timeout_ms=30000,
+        handshakes_per_worker=handshakes_per_worker,
+    )
     pairs = 40
     with running_daemon(kernel, pair_engine, config=text, directory=directory) as daemon:
         sockets = [tcp_pair() for _ in range(pairs)]
@@ -271,12 +280,8 @@ def test_key_material_never_reaches_a_process_serving_another_request(
         kernel, residue_engine, config=text, directory=directory, keyservice=RandomKeyService()
     ) as daemon:
         reader = Peer(kernel, cert=77)
-        size = int.from_bytes(recv_exactly(reader.client, 2), "big")
-        secret = recv_exactly(reader.client, size)
-        encoded = base64.b64encode(secret)
-        halves = [(part[: len(part) // 2], part[len(part) // 2 :]) for part in (secret, encoded)]
+        reader_pid, halves = read_residue_key(reader)
         # The scan finds the key in the process that read it (so it can fail).
-        reader_pid = int(recv_exactly(reader.client, 8))
         assert memory_holds(reader_pid, *halves[0])
         reader.client.sendall(b"g")
         assert reader.request.wait_done(10)[0] == 0

@@ -1,11 +1,11 @@
 """`[pool] handshakes_per_worker` > 1: worker hosts, the alternative to one
 process per handshake that issue 10 asks to be measured (workers/host.py).
 Fake kernel, a real forked arbiter, zygote, hosts and threads, real
-loopback TCP sockets."""
+loopback TCP sockets.  (A loopback burst through hosts is
+tests/test_supervisor_workers.py's, parametrized.)"""
 
 from __future__ import annotations
 
-import base64
 import errno
 import time
 from collections import Counter
@@ -13,17 +13,16 @@ from collections import Counter
 import pytest
 
 from tests.fakekernel import FakeKernel
-from tests.helpers.daemon import config_text, recv_exactly, running_daemon, short_tmpdir, tcp_pair
+from tests.helpers.daemon import config_text, recv_exactly, running_daemon, short_tmpdir
 from tests.helpers.engines import (
     Peer,
     RandomKeyService,
     memory_holds,
-    pair_engine,
     pid_engine,
+    read_residue_key,
     residue_engine,
 )
 from tlshd.config import ConfigError, load_config
-from tlshd.uapi import AuthMode, MsgType
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,11 +36,7 @@ def kernel():  # type: ignore[no-untyped-def]
 
 
 def shared_config(directory, **kwargs) -> str:  # type: ignore[no-untyped-def]
-    return config_text(
-        directory / "status.sock",
-        extra=f"[pool]\nhandshakes_per_worker={PER_HOST}\n",
-        **kwargs,
-    )
+    return config_text(directory / "status.sock", handshakes_per_worker=PER_HOST, **kwargs)
 
 
 def test_handshakes_per_worker_is_read_and_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -74,24 +69,6 @@ def test_a_host_serves_several_handshakes_and_no_more_than_its_share(
             peer.close()
 
 
-def test_loopback_burst_through_hosts(kernel: FakeKernel) -> None:
-    directory = short_tmpdir()
-    text = shared_config(directory, min_workers=2, max_workers=192, timeout_ms=30000)
-    pairs = 40
-    with running_daemon(kernel, pair_engine, config=text, directory=directory) as daemon:
-        sockets = [tcp_pair() for _ in range(pairs)]
-        requests = []
-        for client, server in sockets:
-            requests.append(kernel.submit(client, MsgType.CLIENTHELLO, AuthMode.UNAUTH))
-            requests.append(kernel.submit(server, MsgType.SERVERHELLO, AuthMode.X509))
-        assert [r.wait_done(60)[0] for r in requests] == [0] * 2 * pairs
-        doc = daemon.status()
-        assert doc["done"] == 2 * pairs and doc["failed"] == 0
-        for client, server in sockets:
-            client.close()
-            server.close()
-
-
 def test_a_request_with_keyring_keys_gets_a_process_of_its_own(kernel: FakeKernel) -> None:
     """The isolation the issue asks of either design: no key read for one
     request in a process that serves another, hosts or not."""
@@ -103,11 +80,7 @@ def test_a_request_with_keyring_keys_gets_a_process_of_its_own(kernel: FakeKerne
         before = [Peer(kernel) for _ in range(2)]  # keyless: on a host, still running
         before_pids = {int(recv_exactly(p.client, 8)) for p in before}
         reader = Peer(kernel, cert=77)
-        size = int.from_bytes(recv_exactly(reader.client, 2), "big")
-        secret = recv_exactly(reader.client, size)
-        encoded = base64.b64encode(secret)
-        halves = [(part[: len(part) // 2], part[len(part) // 2 :]) for part in (secret, encoded)]
-        reader_pid = int(recv_exactly(reader.client, 8))
+        reader_pid, halves = read_residue_key(reader)
         assert memory_holds(reader_pid, *halves[0])  # the scan can fail
         assert reader_pid not in before_pids
         reader.client.sendall(b"g")

@@ -59,10 +59,12 @@ def config_text(
     extra: str = "",
     drop_privileges: bool = True,
     user: str = "nobody",
+    handshakes_per_worker: int = 1,
 ) -> str:
     return (
         "[debug]\nloglevel=1\n"
         f"[pool]\nmin_workers={min_workers}\nmax_workers={max_workers}\n"
+        f"handshakes_per_worker={handshakes_per_worker}\n"
         f"[worker]\nhandshake_timeout_ms={timeout_ms}\n"
         + (f"user={user}\n" if user else "")  # "": the default account
         + f"drop_privileges={'true' if drop_privileges else 'false'}\n"

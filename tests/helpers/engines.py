@@ -5,6 +5,7 @@ Each has the engine signature `(sock, params, ctx) -> HandshakeResult`.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -242,6 +243,17 @@ def residue_engine(sock: socket.socket, params: HandshakeParams, ctx: Any) -> Ha
     recv_exactly(sock, 1, timeout=60)
     fake_ktls(sock, ctx)
     return HandshakeResult(status=0, cipher="FAKE")
+
+
+def read_residue_key(reader: Peer) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """From the peer of a residue_engine request with a cert serial: the pid
+    of the process that read the key, and the key (raw and base64) split in
+    halves for `memory_holds`."""
+    size = int.from_bytes(recv_exactly(reader.client, 2), "big")
+    secret = recv_exactly(reader.client, size)
+    encoded = base64.b64encode(secret)
+    halves = [(part[: len(part) // 2], part[len(part) // 2 :]) for part in (secret, encoded)]
+    return int(recv_exactly(reader.client, 8)), halves
 
 
 def memory_holds(pid: int, head: bytes, tail: bytes) -> bool:
