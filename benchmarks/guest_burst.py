@@ -242,8 +242,10 @@ def start_daemon(kind: str) -> tuple[int, float]:
     lg.sh(["modprobe", "tls"])
     if kind == "hosts":
         argv = [*lg.OURS[:-1], str(HOSTS_CONFIG)]
+    elif kind == "ours":
+        argv = lg.OURS
     else:
-        argv = lg.OURS if kind in OUR_KINDS else lg.UPSTREAM
+        argv = lg.UPSTREAM
     log_path = lg.RESULTS / f"daemon-{kind}.log"
     with open(log_path, "a") as f:
         f.write(f"==== [{lg.uptime():.2f}] starting {' '.join(argv)}\n")

@@ -584,7 +584,7 @@ class Arbiter:
         # process of its own, forked when it is queued (workers/host.py).
         single = 0
         if shared:
-            single = self.broker.keyed_queued() - self.pool.spare_single(self.generation.number)
+            single = self.broker.keyed_queued() - census.spare_own
             wanted = max(wanted, single)
         count = min(
             wanted,

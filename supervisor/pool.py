@@ -90,6 +90,7 @@ class Census:
 
     live: int  # starting, idle or busy, of any generation
     spare: int  # of the generation asked about: may be handed a request
+    spare_own: int  # of those, with a process of their own (not a host's thread)
     idle: int  # of that generation: ready, waiting for their one request
     unforked: int  # asked of a zygote, no pid reported yet
 
@@ -301,8 +302,9 @@ class WorkerPool:
         finally:
             theirs.close()
         ours.setblocking(False)
-        worker = WorkerHandle(token, ours, zygote.generation, zygote.pid, time.monotonic())
-        worker.shared = shared
+        worker = WorkerHandle(
+            token, ours, zygote.generation, zygote.pid, time.monotonic(), shared=shared
+        )
         self.workers[token] = worker
         return worker
 
@@ -338,18 +340,10 @@ class WorkerPool:
     def spare(self, generation: int) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.spare and w.generation == generation]
 
-    def spare_single(self, generation: int) -> int:
-        """Spare workers of `generation` with a process of their own."""
-        return sum(
-            1
-            for w in self.workers.values()
-            if w.spare and w.generation == generation and not w.shared
-        )
-
     def census(self, generation: int) -> Census:
         """The counts the loop needs on every pass, in one walk over the
         workers instead of one per count (a burst holds over a hundred)."""
-        live = spare = idle = unforked = 0
+        live = spare = spare_own = idle = unforked = 0
         for w in self.workers.values():
             state = w.state
             if state in LIVE_STATES:
@@ -358,9 +352,10 @@ class WorkerPool:
                 unforked += 1
             if w.generation == generation and w.spare:
                 spare += 1
+                spare_own += not w.shared
             if state is WorkerState.IDLE and w.generation == generation:
                 idle += 1
-        return Census(live=live, spare=spare, idle=idle, unforked=unforked)
+        return Census(live=live, spare=spare, spare_own=spare_own, idle=idle, unforked=unforked)
 
     def busy(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.request is not None]
