@@ -30,7 +30,16 @@ import labguest as lg
 RESULTS = Path("/lab/results")
 PKI = Path("/etc/tlshd/pki-startup")
 READY_LINE = "serving handshakes"
-SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+SMAPS_FIELDS = (
+    "Rss",
+    "Pss",
+    "Shared_Clean",
+    "Shared_Dirty",
+    "Private_Clean",
+    "Private_Dirty",
+    "AnonHugePages",
+)
+MAPPING_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 STEPS = re.compile(r"zygote \d+ ready: (.*)$", re.MULTILINE)
 SPAWN_TO_READY = re.compile(
     r"serving handshakes, ([\d.]+) s after exec \(zygote ready in ([\d.]+) s"
@@ -46,16 +55,45 @@ def smaps_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def mappings_kib(pid: int, top: int = 8) -> list[dict]:
+    """The `top` mappings of `pid` by PSS, pages of one file (or [heap], or
+    anonymous) added up: where a process's memory is, by what holds it."""
+    by_name: dict[str, dict[str, int]] = {}
+    name = "?"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if MAPPING_HEADER.match(line):
+            fields = line.split()
+            name = fields[5] if len(fields) > 5 else "[anon]"
+            continue
+        head, _, value = line.partition(":")
+        if head in ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty"):
+            row = by_name.setdefault(name, {"Pss": 0, "Private_Dirty": 0,
+                                            "Private_Clean": 0, "Shared_Dirty": 0})  # fmt: skip
+            row[head] += int(value.split()[0])
+    rows = sorted(by_name.items(), key=lambda item: -item[1]["Pss"])[:top]
+    return [{"mapping": name, **row} for name, row in rows]
+
+
 def process_memory(status: dict) -> list[dict]:
     rows = []
     for proc in status.get("memory", {}).get("processes", []):
         pid = proc["pid"]
         try:
             title = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
-            rows.append({"pid": pid, "title": title, **smaps_kib(pid)})
+            rows.append({"pid": pid, "title": title, **smaps_kib(pid),
+                         "mappings": mappings_kib(pid)})  # fmt: skip
         except OSError as err:
             rows.append({"pid": pid, "error": str(err)})
     return rows
+
+
+def _read_log(path: Path) -> str:
+    """The log so far; "" when the guest's shared directory answers a read of a
+    file being written with ENODATA (seen on the 7.3 image), so the poll retries."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def one_start(index: int) -> dict:
@@ -64,7 +102,7 @@ def one_start(index: int) -> dict:
         t0 = time.monotonic()
         proc = subprocess.Popen(lg.OURS, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True)  # fmt: skip
-        while READY_LINE not in log_path.read_text(errors="replace"):
+        while READY_LINE not in _read_log(log_path):
             if proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited rc={proc.returncode}; see {log_path}")
             if time.monotonic() - t0 > 120:
@@ -106,7 +144,9 @@ def main() -> int:
         starts.append(one_start(index))
         lg.log(f"start {index}: ready after {starts[-1]['ready_s']} s, "
                f"PSS {starts[-1]['total_pss_kib']} KiB")  # fmt: skip
-    doc = {"kernel": os.uname().release, "python": sys.version.split()[0], "starts": starts}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    doc = {"kernel": os.uname().release, "python": sys.version.split()[0], "starts": starts,
+           "thp": thp}  # fmt: skip
     (RESULTS / "startup.json").write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 

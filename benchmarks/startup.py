@@ -62,6 +62,15 @@ def report(doc: dict) -> str:
             f"| {proc['Private_Dirty'] / 1024:.1f} | {proc['Shared_Dirty'] / 1024:.1f} "
             f"| {proc['Private_Clean'] / 1024:.1f} | {proc['Shared_Clean'] / 1024:.1f} |"
         )
+    lines.append("")
+    lines.append("PSS of each process by mapping, MiB (PSS / private dirty / private clean):")
+    for proc in median_start["processes"]:
+        top = ", ".join(
+            f"{Path(m['mapping']).name or m['mapping']} {m['Pss'] / 1024:.1f}/"
+            f"{m['Private_Dirty'] / 1024:.1f}/{m['Private_Clean'] / 1024:.1f}"
+            for m in proc.get("mappings", [])[:5]
+        )
+        lines.append(f"- {proc.get('title') or proc['pid']}: {top}")
     return "\n".join(lines)
 
 
