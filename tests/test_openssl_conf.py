@@ -158,3 +158,40 @@ def test_section_reader_follows_includes_and_directories(tmp_path: Path) -> None
     assert openssl_conf.system_section_names(str(main)) == ("my_init", "my_ssl", "my_defaults")
     text = openssl_conf.conf_text(str(main))
     assert text.endswith("[my_defaults]\nNumTickets = 0\n")
+
+
+LIBCRYPTO_PROBE = """
+import sys
+{keep}
+from tlshd.workers import zygote
+from tlshd.workers.engine import perform_handshake  # what the zygote imports
+zygote.warm_up_tls()  # a certificate built and a handshake run through cryptography
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+import hashlib
+key = ec.generate_private_key(ec.SECP256R1()).public_key()
+ski = x509.SubjectKeyIdentifier.from_public_key(key)  # the SHA-1 that needs hashlib
+print(sys.modules.get("_hashlib") is not None, len(ski.digest), hashlib.sha256(b"").hexdigest()[:8])
+"""
+
+
+@pytest.mark.parametrize("keep_out", [True, False], ids=["kept-out", "control"])
+def test_system_libcrypto_stays_out_and_hashes_still_work(keep_out: bool) -> None:
+    """cryptography.x509 imports hashlib; kept out, `_hashlib` (and the system
+    libcrypto it links) never loads, and the built-in hashes serve instead."""
+    code = textwrap.dedent(
+        LIBCRYPTO_PROBE.format(
+            keep="from tlshd.openssl_conf import keep_system_libcrypto_out\n"
+            "keep_system_libcrypto_out()"
+            if keep_out
+            else ""
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    hashlib_loaded, digest_size, sha256 = proc.stdout.split()
+    assert (digest_size, sha256) == ("20", "e3b0c442")
+    assert hashlib_loaded == str(not keep_out)

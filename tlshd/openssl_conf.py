@@ -65,6 +65,26 @@ def openssl_loaded() -> bool:
     return any(name in sys.modules for name in _OPENSSL_MODULES)
 
 
+def keep_system_libcrypto_out() -> None:
+    """Make hashlib and hmac use CPython's built-in hashes in every process of
+    the daemon, so that none of them maps the system's libcrypto beside the
+    OpenSSL that cryptography links.
+
+    cryptography.x509 imports hashlib and hmac (SubjectKeyIdentifier hashes
+    with SHA-1), and their `_hashlib` extension links the system libcrypto and
+    initialises it on import: its config file, its default provider, every
+    digest fetched once.  The PyPI wheels of cryptography link an OpenSSL of
+    their own, so the zygote, and every worker forked from it, carried a second
+    copy of the library that served nothing (2.6 MiB of the zygote's 16 MiB
+    idle PSS in the 7.3 guest, benchmarks/README.md).  hashlib and hmac fall
+    back to the built-in sha1/sha2/md5/blake2 when `_hashlib` cannot be
+    imported, and a None in sys.modules makes that import fail (the Python
+    reference, "The module cache").  Call it before anything imports hashlib;
+    once `_hashlib` is loaded it changes nothing."""
+    if "_hashlib" not in sys.modules:
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]
+
+
 def ensure_openssl_conf() -> str:
     """Write our config to a private file and point OPENSSL_CONF at it.
 
