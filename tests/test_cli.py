@@ -146,6 +146,7 @@ def test_run_forks_the_zygote_then_hands_over_to_supervisor(
     path = tmp_path / "config"
     path.write_text("[debug]\nloglevel=1\n[bogus]\n")
     calls: list[tuple[str, Config, object]] = []
+    steps: list[str] = []
     first_zygote = object()
     fake_arbiter = types.ModuleType("tlshd.supervisor.arbiter")
     fake_arbiter.run_daemon = lambda p, c, f: calls.append((p, c, f)) or 7  # type: ignore[attr-defined]
@@ -154,6 +155,7 @@ def test_run_forks_the_zygote_then_hands_over_to_supervisor(
         # The arbiter is only importable from here on: the zygote must be
         # forked before the supervisor imports its loop (supervisor/firstzygote.py).
         monkeypatch.setitem(sys.modules, "tlshd.supervisor.arbiter", fake_arbiter)
+        steps.append("fork")
         return first_zygote
 
     fake_first = types.ModuleType("tlshd.supervisor.firstzygote")
@@ -161,10 +163,18 @@ def test_run_forks_the_zygote_then_hands_over_to_supervisor(
     monkeypatch.setitem(sys.modules, "tlshd.supervisor.firstzygote", fake_first)
     monkeypatch.delitem(sys.modules, "tlshd.supervisor.arbiter", raising=False)
     monkeypatch.setattr("tlshd.log.setup_logging", lambda **kw: None)
+    # Both change the process for good: recorded here, tested in test_heap.py
+    # and test_openssl_conf.py.
+    monkeypatch.setattr("tlshd.heap.refuse_huge_pages", lambda: steps.append("no THP"))
+    monkeypatch.setattr(
+        "tlshd.openssl_conf.keep_system_libcrypto_out", lambda: steps.append("no _hashlib")
+    )
     assert cli.main(["-s", "-c", str(path)]) == 7
     ((got_path, config, got_first),) = calls
     assert got_path == str(path) and got_first is first_zygote
     assert config.loglevel == 1 and config.warnings
+    # Before the zygote (and the heap it shares) exists, and before it imports cryptography.
+    assert steps == ["no THP", "no _hashlib", "fork"]
 
 
 # --- check-config ----------------------------------------------------------------------------

@@ -230,10 +230,18 @@ def version_string() -> str:
 
 def run_main(config_arg: str | None, to_stderr: bool) -> int:
     """Load the config and hand over to the supervisor; its return is our exit code."""
+    # First, while the heap is still small (tlshd/heap.py says why).
+    from tlshd.heap import refuse_huge_pages
+
+    refuse_huge_pages()
     from tlshd.log import set_debug, setup_logging
 
     setup_logging(to_stderr=to_stderr, debug=False)
     log.info("tlshd %s starting", tlshd.__version__)
+    # Before the zygote imports cryptography (tlshd/openssl_conf.py says why).
+    from tlshd.openssl_conf import keep_system_libcrypto_out
+
+    keep_system_libcrypto_out()
     # The OpenSSL bindings are checked, and the PEM files parsed, by the zygote:
     # the supervisor never loads OpenSSL or cryptography (workers/zygote.py).
     path = find_config_path(config_arg)
