@@ -210,3 +210,36 @@ def test_pyseccomp_loads_without_running_ldconfig() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_pyseccomp_loads_without_importing_ctypes_util() -> None:
+    # ctypes.util imports shutil, subprocess and tempfile: start-up time, and
+    # pages in every worker's copy-on-write heap (workers/seccomp.py).
+    code = (
+        "import sys\n"
+        "from tlshd.workers import seccomp\n"
+        "assert seccomp.load_error() is None, seccomp.load_error()\n"
+        "import ctypes\n"
+        "names = ('ctypes.util', 'subprocess', 'shutil', 'tempfile')\n"
+        "left = [m for m in names if m in sys.modules]\n"
+        "assert not left and not hasattr(ctypes, 'util'), left\n"
+        "import ctypes.util\n"
+        "assert ctypes.util.find_library('c')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_soname_the_loader_cannot_load_falls_back_to_the_real_lookup() -> None:
+    code = (
+        "import sys\n"
+        "from tlshd.workers import seccomp\n"
+        "sys.modules.pop('pyseccomp')\n"
+        "seccomp._SONAMES['seccomp'] = 'libseccomp.so.999'\n"
+        "module = seccomp._import_pyseccomp()\n"
+        "assert module.SyscallFilter\n"
+        "import ctypes\n"
+        "assert 'ctypes.util' not in sys.modules and not hasattr(ctypes, 'util')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
