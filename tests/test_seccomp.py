@@ -195,6 +195,12 @@ def test_a_worker_confined_by_the_prepared_program() -> None:
     assert answer == "kill-parent:EPERM kill-self:ok socket:EPERM fork:EPERM"
 
 
+def _run_snippet(code: str) -> None:
+    """Run `code` in a fresh interpreter, where nothing has imported pyseccomp yet."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_pyseccomp_loads_without_running_ldconfig() -> None:
     # ctypes.util.find_library runs `ldconfig -p` per name: ~0.1 s of the
     # zygote's start-up under emulation (workers/seccomp.py, _import_pyseccomp).
@@ -208,8 +214,7 @@ def test_pyseccomp_loads_without_running_ldconfig() -> None:
         "assert seccomp.load_error() is None, seccomp.load_error()\n"
         "assert ctypes.util.find_library is real\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    _run_snippet(code)
 
 
 def test_pyseccomp_loads_without_importing_ctypes_util() -> None:
@@ -226,8 +231,7 @@ def test_pyseccomp_loads_without_importing_ctypes_util() -> None:
         "import ctypes.util\n"
         "assert ctypes.util.find_library('c')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    _run_snippet(code)
 
 
 def test_a_soname_the_loader_cannot_load_falls_back_to_the_real_lookup() -> None:
@@ -241,5 +245,4 @@ def test_a_soname_the_loader_cannot_load_falls_back_to_the_real_lookup() -> None
         "import ctypes\n"
         "assert 'ctypes.util' not in sys.modules and not hasattr(ctypes, 'util')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    _run_snippet(code)
