@@ -130,6 +130,12 @@ def test_status_command_reports_the_handshakes(image: str, scenario: Scenario) -
     # (workers/priority.py)
     assert all(p["nice_limit"] == 40 for p in procs), procs
     assert any(p["nice"] == -20 for p in procs), procs
+    # every process of the tree: no huge pages, no second OpenSSL (stop 16's
+    # idle memory, docs/operations.md)
+    tree = [p for p in sc["tree_memory"] if "error" not in p]
+    assert len(tree) >= 3, sc["tree_memory"]  # the supervisor, the zygote, a spare
+    assert all(p["thp_enabled"] == "0" for p in tree), tree
+    assert all(not p["libcrypto"] for p in tree), tree
 
 
 @OURS

@@ -195,7 +195,24 @@ def sc_status_report() -> dict:
     out["ok"] = text.returncode == 0 and raw.returncode == 0 and "json" in out
     out["workers_proc"] = [_proc_fields(w["pid"]) for w in out.get("json", {}).get("workers", [])]
     out["tlshd_uid"] = pwd.getpwnam("tlshd").pw_uid
+    tree = out.get("json", {}).get("memory", {}).get("processes", [])
+    out["tree_memory"] = [_memory_fields(proc["pid"]) for proc in tree]
     return out
+
+
+def _memory_fields(pid: int) -> dict:
+    """Whether a process of the daemon may take transparent huge pages
+    (tlshd/heap.py) and which libcrypto files it maps: none, the TLS runs in
+    the OpenSSL that cryptography links (tlshd/openssl_conf.py)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError as e:
+        return {"pid": pid, "error": str(e)}
+    thp = next((line.split(":", 1)[1].strip() for line in status
+                if line.startswith("THP_enabled:")), None)  # fmt: skip
+    libcrypto = sorted({line.split()[-1] for line in maps if "/libcrypto.so" in line})
+    return {"pid": pid, "thp_enabled": thp, "libcrypto": libcrypto}
 
 
 def _proc_fields(pid: int) -> dict:
