@@ -13,8 +13,8 @@ daemon's tree from 39.9-42.5 to 38.7-41.3 MiB PSS (benchmarks/README.md).
 Transparent huge pages work the other way: with THP "always" (Debian's
 kernels), a fault anywhere in a 2 MiB-aligned stretch of the heap can map a
 whole huge page, resident and private however little of it is used.  In the
-7.3 lab guest that left the idle supervisor 4-6 MiB of AnonHugePages in five
-starts of eight, and 2.5-3 MiB more PSS than in the other three
+7.3 lab guest that left the idle supervisor 4-6 MiB of AnonHugePages in six
+starts of eight, and the daemon 2-4 MiB more PSS than in the other two
 (benchmarks/README.md).  None of our processes has a heap that a TLB would
 notice, so the daemon opts out for itself and every process it forks.
 """
