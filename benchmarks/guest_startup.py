@@ -40,6 +40,7 @@ SMAPS_FIELDS = (
     "AnonHugePages",
 )
 MAPPING_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+MAPPING_FIELDS = ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty")
 STEPS = re.compile(r"zygote \d+ ready: (.*)$", re.MULTILINE)
 SPAWN_TO_READY = re.compile(
     r"serving handshakes, ([\d.]+) s after exec \(zygote ready in ([\d.]+) s"
@@ -66,9 +67,8 @@ def mappings_kib(pid: int, top: int = 8) -> list[dict]:
             name = fields[5] if len(fields) > 5 else "[anon]"
             continue
         head, _, value = line.partition(":")
-        if head in ("Pss", "Private_Dirty", "Private_Clean", "Shared_Dirty"):
-            row = by_name.setdefault(name, {"Pss": 0, "Private_Dirty": 0,
-                                            "Private_Clean": 0, "Shared_Dirty": 0})  # fmt: skip
+        if head in MAPPING_FIELDS:
+            row = by_name.setdefault(name, dict.fromkeys(MAPPING_FIELDS, 0))
             row[head] += int(value.split()[0])
     rows = sorted(by_name.items(), key=lambda item: -item[1]["Pss"])[:top]
     return [{"mapping": name, **row} for name, row in rows]

@@ -25,7 +25,6 @@ import ctypes
 
 # <linux/prctl.h>; Linux 3.15.  Inherited by fork(2) children, kept across execve(2).
 PR_SET_THP_DISABLE = 41
-PR_GET_THP_DISABLE = 42
 
 
 def trim_heap() -> bool:
@@ -45,7 +44,7 @@ def refuse_huge_pages() -> bool:
     True if the kernel took it.  Pages already mapped huge stay huge, so
     call it before the heap grows."""
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl = ctypes.CDLL(None).prctl
     except (AttributeError, OSError):
         return False
     prctl.restype = ctypes.c_int

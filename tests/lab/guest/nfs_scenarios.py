@@ -205,14 +205,18 @@ def _memory_fields(pid: int) -> dict:
     (tlshd/heap.py) and which libcrypto files it maps: none, the TLS runs in
     the OpenSSL that cryptography links (tlshd/openssl_conf.py)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        status = Path(f"/proc/{pid}/status").read_text()
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError as e:
         return {"pid": pid, "error": str(e)}
-    thp = next((line.split(":", 1)[1].strip() for line in status
-                if line.startswith("THP_enabled:")), None)  # fmt: skip
     libcrypto = sorted({line.split()[-1] for line in maps if "/libcrypto.so" in line})
-    return {"pid": pid, "thp_enabled": thp, "libcrypto": libcrypto}
+    return {"pid": pid, "thp_enabled": _status_field(status, "THP_enabled"), "libcrypto": libcrypto}
+
+
+def _status_field(text: str, name: str) -> str | None:
+    """The value of `name` in the text of a /proc/PID/status file."""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith(name + ":")), None)  # fmt: skip
 
 
 def _proc_fields(pid: int) -> dict:
@@ -276,15 +280,10 @@ def _host_fields(pid: int) -> dict:
         ]
     except OSError as e:
         return {"pid": pid, "error": str(e)}
-
-    def field(text: str, name: str) -> str:
-        return next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                    if line.startswith(name + ":"))  # fmt: skip
-
     return {
         "pid": pid,
-        "uid": int(field(status, "Uid").split()[0]),
-        "threads_seccomp": sorted(field(t, "Seccomp") for t in tasks),
+        "uid": int(str(_status_field(status, "Uid")).split()[0]),
+        "threads_seccomp": sorted(str(_status_field(t, "Seccomp")) for t in tasks),
     }
 
 
