@@ -47,3 +47,34 @@ def test_worker_paths_need_no_import_after_fork() -> None:
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.stdout == "ok\n", proc.stderr[-2000:]
+
+
+# What the daemon imports up to the zygote's "ready": the command line's path
+# to the fork (tlshd/cli.py, run_main) and the zygote's own start-up
+# (workers/zygote.py, init_process).
+ZYGOTE_START_UP = textwrap.dedent(
+    """
+    import sys
+    from tlshd.openssl_conf import ensure_openssl_conf, keep_system_libcrypto_out
+    ensure_openssl_conf()
+    keep_system_libcrypto_out()
+    import tlshd.cli, tlshd.heap, tlshd.log, tlshd.pemfiles
+    import tlshd.supervisor.firstzygote, tlshd.supervisor.tlsmodule
+    from tlshd.workers import base, engine, seccomp, contexts, privileges
+    import tlshd.credentials, tlshd.selfcheck
+    print(" ".join(sorted(set(sys.modules) & set(sys.argv[1:]))))
+    """
+)
+# ctypes.util.find_library runs `ldconfig -p`; ctypes.util, and with it
+# subprocess, shutil and tempfile, were 0.1-0.2 s of the zygote's start-up under
+# emulation (benchmarks/README.md, stops 16 and 17).
+PROCESS_TOOLS = ("ctypes.util", "subprocess", "shutil", "tempfile", "glob")
+
+
+def test_the_zygote_starts_without_ldconfig_or_process_tools() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", ZYGOTE_START_UP, *PROCESS_TOOLS],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "\n", f"loaded: {proc.stdout.strip()}"

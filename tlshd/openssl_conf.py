@@ -30,7 +30,6 @@ level, and finds OPENSSLDIR without loading the library.
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.util
 import logging
 import mmap
@@ -188,7 +187,17 @@ def _cryptography_binaries() -> list[str]:
         return []
     found: list[str] = []
     for package_dir in spec.submodule_search_locations:
-        found += sorted(glob.glob(os.path.join(package_dir, "hazmat", "bindings", "_rust*.so")))
+        # Not glob: with fnmatch, 15 ms of start-up under emulation for one pattern.
+        bindings = os.path.join(package_dir, "hazmat", "bindings")
+        try:
+            names = os.listdir(bindings)
+        except OSError:
+            continue
+        found += sorted(
+            os.path.join(bindings, name)
+            for name in names
+            if name.startswith("_rust") and name.endswith(".so")
+        )
     return found
 
 

@@ -21,7 +21,6 @@ privileges refuses to run (PrivilegeError → boot error).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import pwd
 
@@ -38,7 +37,11 @@ class PrivilegeError(Exception):
     """The worker could not reach an unprivileged state."""
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# dlopen(NULL): the process's own symbols, libc's among them.  Not
+# ctypes.util.find_library("c"), which runs `ldconfig -p` and imports
+# subprocess, shutil and tempfile: 0.1 s of the zygote's start-up under
+# emulation, and pages in every worker's copy-on-write heap.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
