@@ -8,7 +8,10 @@ kernel's handshake tracepoints and the guest's /proc/stat.  Both daemons run
 upstream's default configuration (no [pool], loglevel=0).  Cold mode (the
 default, first): the mounts start the moment the daemon is ready (ours: its
 "serving handshakes" line, sent with READY; upstream: 1 s after start).  Warm
-mode: after the daemon has settled.  Optionally one extra burst with our
+mode: after the daemon has settled.  Serial mode (`--modes serial`, not in
+the default run): a cold start, then the mounts one after another, so the
+first handshakes of a fresh daemon are timed one at a time (the issue's
+"first handshake after start is no slower than the third").  Optionally one extra burst with our
 daemon in which a busy worker is SIGKILLed (kill-to-DONE delay).  Prints one
 table per mode (median and worst round) and the targets, and writes the raw
 results.
@@ -115,10 +118,27 @@ def summarize(burst: dict[str, Any]) -> dict[str, Any]:
         "idle_pss_mib": round((burst.get("idle_pss_bytes") or 0) / 2**20, 1),
         "max_procs": burst["max_procs"],
     }
+    if out["mode"] == "serial":
+        out["by_mount"] = latencies_by_mount(reqs)
     if burst.get("kill"):
         out["kill"] = burst.get("kill_result")
         out["kill_to_done"] = burst.get("kill_to_done_s")
     return out
+
+
+def latencies_by_mount(reqs: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+    """Serial mode: one mount at a time, so the k-th client and the k-th server
+    handshake, by submit time, are the k-th mount's; submit -> complete of each."""
+    by_role = {
+        role: sorted((r for r in reqs if r.get("role") == role), key=lambda r: r["t_submit"])
+        for role in ROLES
+    }
+    count = max((len(v) for v in by_role.values()), default=0)
+    return [
+        {role: by_role[role][k].get("latency") if k < len(by_role[role]) else None
+         for role in ROLES}
+        for k in range(count)
+    ]  # fmt: skip
 
 
 def daemon_cpu_s(burst: dict[str, Any]) -> float | None:
@@ -294,6 +314,43 @@ def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
     return out
 
 
+ROLES = ("client", "server")
+
+
+def mount_order_table(rows: list[dict[str, Any]]) -> str:
+    """Serial mode: each mount's handshakes, median and worst over the rounds,
+    and whether the first mount's are no slower than the third's (medians)."""
+    lines = [
+        "| daemon | mount | client handshake median / worst | server handshake median / worst |",
+        "|---|---|---|---|",
+    ]
+    verdicts = []
+    for (mode, _size, daemon), rounds in sorted(groups(rows).items()):
+        if mode != "serial":
+            continue
+        medians: dict[tuple[int, str], float] = {}
+        count = max(len(r["by_mount"]) for r in rounds)
+        for k in range(count):
+            cells = []
+            for role in ROLES:
+                values = [r["by_mount"][k][role] for r in rounds if k < len(r["by_mount"])]
+                values = [v for v in values if v is not None]
+                if values:
+                    medians[k, role] = statistics.median(values)
+                    cells.append(f"{medians[k, role]:.3f} s / {max(values):.3f} s")
+                else:
+                    cells.append("-")
+            lines.append(f"| {daemon} | {k + 1} | {cells[0]} | {cells[1]} |")
+        if all((k, role) in medians for k in (0, 2) for role in ROLES):
+            ok = all(medians[0, role] <= medians[2, role] for role in ROLES)
+            verdicts.append(
+                f"{daemon}: first handshake no slower than the third: {_yes(ok)} "
+                + ", ".join(f"{role} {medians[0, role]:.3f} against {medians[2, role]:.3f} s"
+                            for role in ROLES)
+            )  # fmt: skip
+    return "\n".join([*lines, "", *verdicts])
+
+
 def _yes(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -302,6 +359,9 @@ def print_report(rows: list[dict[str, Any]], modes: list[str]) -> None:
     for mode in modes:
         print(f"\n{mode} mode\n")
         print(table(rows, mode))
+        if mode == "serial":
+            print()
+            print(mount_order_table(rows))
     print("\nours (and hosts) / upstream, round by round\n")
     print(ratio_table(rows))
     print()
@@ -309,13 +369,16 @@ def print_report(rows: list[dict[str, Any]], modes: list[str]) -> None:
         if "kill" in r:
             print(f"kill-to-DONE(-EIO): {r['kill_to_done']} (killed {r['kill']})")
     for mode in modes:
+        if mode == "serial":  # its target is the mount-order table's
+            continue
         for line in targets(rows, mode):
             print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
+    ap.add_argument("--modes", nargs="+", default=["cold", "warm"],
+                    choices=["cold", "warm", "serial"])  # fmt: skip
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--daemons", nargs="+", default=["upstream", "ours"],
                     choices=["upstream", "ours", "hosts"])  # fmt: skip

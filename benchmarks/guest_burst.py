@@ -7,7 +7,9 @@ guest venv's Python (it has psutil).  Settings come from the environment:
     BURST_MODES     "cold warm"        cold: mounts start the moment the daemon
                                        is ready (ours: its "serving handshakes"
                                        line, i.e. READY; upstream: 1 s after
-                                       start); warm: after the daemon settled
+                                       start); warm: after the daemon settled;
+                                       serial: as cold, but one mount after
+                                       another
     BURST_SIZES     "8 32 64"          mounts per burst
     BURST_DAEMONS   "upstream ours"    daemons, in this order for every size;
                                        "hosts" is ours with [pool]
@@ -339,7 +341,7 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
     mnts = [f"/mnt/burst/{a}" for a in addrs]
     for m in mnts:
         Path(m).mkdir(parents=True, exist_ok=True)
-    if mode == "cold":
+    if mode in ("cold", "serial"):
         # The grace period passes before the daemon starts, so the mounts can
         # start the moment the daemon is ready.
         time.sleep(max(0.0, NFSD_GRACE_S - (time.monotonic() - nfsd_started)))
@@ -373,8 +375,14 @@ def run_burst(mode: str, kind: str, size: int, label: str, kill: bool = False) -
         threading.Thread(target=mount_one, args=(a, m, mount_timeout, t0, o), daemon=True)
         for a, m, o in zip(addrs, mnts, outs, strict=True)
     ]
-    for w in mounts:
-        w.start()
+    if mode == "serial":
+        # One mount after another: a cold daemon's first handshakes, one at a time.
+        for w in mounts:
+            w.start()
+            w.join()
+    else:
+        for w in mounts:
+            w.start()
     if kthread is not None:
         kthread.start()
     for w in mounts:
