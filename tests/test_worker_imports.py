@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+from benchmarks.guest_ready_floor import DAEMON_IMPORTS
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -51,19 +53,11 @@ def test_worker_paths_need_no_import_after_fork() -> None:
 
 # What the daemon imports up to the zygote's "ready": the command line's path
 # to the fork (tlshd/cli.py, run_main) and the zygote's own start-up
-# (workers/zygote.py, init_process).
-ZYGOTE_START_UP = textwrap.dedent(
-    """
-    import sys
-    from tlshd.openssl_conf import ensure_openssl_conf, keep_system_libcrypto_out
-    ensure_openssl_conf()
-    keep_system_libcrypto_out()
-    import tlshd.cli, tlshd.heap, tlshd.log, tlshd.pemfiles
-    import tlshd.supervisor.firstzygote, tlshd.supervisor.tlsmodule
-    from tlshd.workers import base, engine, seccomp, contexts, privileges
-    import tlshd.credentials, tlshd.selfcheck
-    print(" ".join(sorted(set(sys.modules) & set(sys.argv[1:]))))
-    """
+# (workers/zygote.py, init_process); one list, shared with the start-up profile.
+ZYGOTE_START_UP = (
+    "import sys\n"
+    + DAEMON_IMPORTS
+    + 'print(" ".join(sorted(set(sys.modules) & set(sys.argv[1:]))))\n'
 )
 # ctypes.util.find_library runs `ldconfig -p`; ctypes.util, and with it
 # subprocess, shutil and tempfile, were 0.1-0.2 s of the zygote's start-up under
