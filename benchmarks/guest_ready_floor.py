@@ -20,7 +20,7 @@ RUNS (default 5) times, each time in a fresh interpreter:
                       run pays OpenSSL's lazy initialisation), the contexts,
                       the seccomp filter, the privileges module
 
-Results: /lab/results/ready_floor.json.
+Results: /lab/results/ready-floor.json.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> int:
         "timings_s": timings,
         "medians_s": {name: statistics.median(values) for name, values in timings.items()},
     }
-    (RESULTS / "ready_floor.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / "ready-floor.json").write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -13,20 +13,12 @@ Prints the median and range of each; writes benchmarks/results/ready-floor-*.jso
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.burst import wait_for_quiet_host  # noqa: E402
-from tests.lab.vm import run_guest  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from benchmarks.guestrun import lab_arguments, run_in_guest
 
 
 def report(doc: dict) -> str:
@@ -43,31 +35,9 @@ def report(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--image", default="trixie", help="lab image: trixie (6.12) or forky (7.x)")
-    ap.add_argument("--out", type=Path, default=HERE / "results", help="JSON output directory")
-    ap.add_argument("--no-wait", action="store_true", help="do not wait for other QEMUs")
-    args = ap.parse_args(argv)
-    if not args.no_wait:
-        wait_for_quiet_host()
-    results = Path(tempfile.mkdtemp(prefix="tlshd-ready-floor-"))
-    started = time.strftime("%Y%m%d-%H%M%S")
-    script = (HERE / "guest_ready_floor.py").read_text()
-    res = run_guest(script, daemon="ours", timeout=1800, results_dir=results,
-                    env={"READY_FLOOR_RUNS": str(args.runs)}, image=args.image)  # fmt: skip
-    raw = results / "ready_floor.json"
-    if not raw.is_file():
-        print(f"no results (rc={res.returncode}); see {res.console_log}", file=sys.stderr)
-        return 1
-    doc = json.loads(raw.read_text())
-    doc["image"] = args.image
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"ready-floor-{started}.json"
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(report(doc))
-    print(f"raw results: {out}; guest files: {results}")
-    return 0 if res.returncode == 0 else 1
+    args = lab_arguments(__doc__.split("\n\n")[0], runs=5).parse_args(argv)
+    return run_in_guest("ready-floor", "guest_ready_floor.py",
+                        {"READY_FLOOR_RUNS": str(args.runs)}, args, report)  # fmt: skip
 
 
 if __name__ == "__main__":
