@@ -15,15 +15,13 @@ import textwrap
 
 from benchmarks.guest_ready_floor import DAEMON_IMPORTS
 
-SCRIPT = textwrap.dedent(
+# What the zygote has loaded when it drops privileges (workers/zygote.py): the
+# daemon's imports up to then, one list shared with the start-up profile, and
+# the warm-up handshake.
+SCRIPT = DAEMON_IMPORTS + textwrap.dedent(
     """
     import sys
-    from tlshd.openssl_conf import ensure_openssl_conf
-    ensure_openssl_conf()
-    # what the zygote has loaded when it drops privileges (workers/zygote.py)
     from tlshd.workers import zygote
-    from tlshd.workers.engine import perform_handshake
-    from tlshd.workers import base, seccomp
     zygote.warm_up_tls()
 
     class NoImports:
@@ -53,11 +51,9 @@ def test_worker_paths_need_no_import_after_fork() -> None:
 
 # What the daemon imports up to the zygote's "ready": the command line's path
 # to the fork (tlshd/cli.py, run_main) and the zygote's own start-up
-# (workers/zygote.py, init_process); one list, shared with the start-up profile.
+# (workers/zygote.py, init_process).
 ZYGOTE_START_UP = (
-    "import sys\n"
-    + DAEMON_IMPORTS
-    + 'print(" ".join(sorted(set(sys.modules) & set(sys.argv[1:]))))\n'
+    DAEMON_IMPORTS + 'import sys\nprint(" ".join(sorted(set(sys.modules) & set(sys.argv[1:]))))\n'
 )
 # ctypes.util.find_library runs `ldconfig -p`; ctypes.util, and with it
 # subprocess, shutil and tempfile, were 0.1-0.2 s of the zygote's start-up under
