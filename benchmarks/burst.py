@@ -126,6 +126,9 @@ def summarize(burst: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+ROLES = ("client", "server")  # of a handshake request, as labguest.fold_requests names them
+
+
 def latencies_by_mount(reqs: list[dict[str, Any]]) -> list[dict[str, float | None]]:
     """Serial mode: one mount at a time, so the k-th client and the k-th server
     handshake, by submit time, are the k-th mount's; submit -> complete of each."""
@@ -312,9 +315,6 @@ def targets(rows: list[dict[str, Any]], mode: str = "cold") -> list[str]:
             checks.append(f"ready <= 2.0 s: {_yes(ready <= 2.0)} (worst {ready} s)")
         out.append(f"{kind}, {mode}, {size} mounts: " + "; ".join(checks))
     return out
-
-
-ROLES = ("client", "server")
 
 
 def mount_order_table(rows: list[dict[str, Any]]) -> str:

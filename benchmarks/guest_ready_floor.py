@@ -56,11 +56,7 @@ def wall(args: list[str]) -> float:
 
 def zygote_steps() -> dict[str, float]:
     """The zygote's start-up after its imports, step by step, in this process."""
-    from tlshd.openssl_conf import ensure_openssl_conf, keep_system_libcrypto_out
-
-    ensure_openssl_conf()
-    keep_system_libcrypto_out()
-    exec(DAEMON_IMPORTS, {})
+    exec(DAEMON_IMPORTS, {})  # the OpenSSL set-up included, as the daemon does it
     from tlshd.supervisor.pool import Generation
     from tlshd.workers import seccomp, zygote
     from tlshd.workers.contexts import prepare_contexts
